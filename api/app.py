@@ -1,0 +1,69 @@
+"""The starlette application: routes, and the parts each request uses (store, HTTP client, preparer)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import AsyncIterator
+
+import redis.asyncio as aioredis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from api.download import download
+from api.preparation import EmbeddedPreparer, QueuePreparer
+from shared.registry import new_http_client, target_from_settings
+from shared.settings import Settings
+from shared.store import Store
+
+log = logging.getLogger("docker_http_passthrough.api")
+
+
+async def health(request: Request) -> JSONResponse:
+    settings: Settings = request.app.state.settings
+    body = {"status": "ok", "mode": "two-tier" if settings.two_tier else "embedded",
+            "registry": request.app.state.default_target.name}
+    if settings.two_tier:
+        try:
+            async with aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2) as r:
+                await r.ping()
+            body["redis"] = "ok"
+        except Exception as exc:  # any failure means "not answering" to an operator
+            body.update(status="degraded", redis=f"unreachable ({type(exc).__name__})")
+            return JSONResponse(body, status_code=503)
+    return JSONResponse(body)
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store = Store(settings.cache_dir)
+        swept = store.sweep_partials()
+        if swept:
+            log.info("removed %d partial files left by crashed writers", swept)
+        async with new_http_client(settings) as http:
+            app.state.settings = settings
+            app.state.store = store
+            app.state.http = http
+            app.state.default_target = target_from_settings(settings)
+            if settings.two_tier:
+                if not settings.credentials_key:
+                    log.warning("CREDENTIALS_KEY is not set: requests with client credentials will get 503 in "
+                                "two-tier mode")
+                app.state.preparer = QueuePreparer(settings, store)
+            else:
+                app.state.preparer = EmbeddedPreparer(settings, store, http)
+            try:
+                yield
+            finally:
+                await app.state.preparer.close()
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/docker/{filename}", download, methods=["GET"]),
+        Route("/registry/{scheme}/{host}/docker/{filename}", download, methods=["GET"]),
+        Route("/registry-auth/{scheme}/{host}/docker/{filename}", download, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

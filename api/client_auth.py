@@ -1,0 +1,52 @@
+"""The client's own registry credentials (HTTP Basic from a switch or curl) and which credentials a request uses."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from shared.errors import BadRequest
+from shared.registry import Credentials, RegistryTarget
+from shared.settings import Settings
+
+CHALLENGE = 'Basic realm="registry credentials"'
+
+
+def basic_credentials(header: str | None) -> Credentials | None:
+    """Credentials from `Authorization: Basic …`; None when absent or another scheme."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise BadRequest("the Authorization header is not valid Basic credentials", code="bad_authorization") from None
+    username, sep, password = decoded.partition(":")
+    if not sep or not username:
+        raise BadRequest("Basic credentials need a username and a password", code="bad_authorization")
+    return Credentials(username, password)
+
+
+@dataclass(frozen=True)
+class UpstreamAuth:
+    source: str  # "client", "settings" or "anonymous"
+    credentials: Credentials | None
+    token: str | None
+
+
+def choose_upstream_auth(settings: Settings, target: RegistryTarget, default_target: RegistryTarget,
+                         client: Credentials | None) -> UpstreamAuth:
+    """Client credentials first; the settings' credentials only for the configured registry (never sent to a
+    registry named in a request URL); otherwise anonymous."""
+    if client is not None:
+        return UpstreamAuth("client", client, None)
+    if target.api_url == default_target.api_url:
+        creds = None
+        if settings.registry_username and settings.registry_password:
+            creds = Credentials(settings.registry_username, settings.registry_password)
+        if creds or settings.registry_bearer_token:
+            return UpstreamAuth("settings", creds, settings.registry_bearer_token)
+    return UpstreamAuth("anonymous", None, None)

@@ -1,0 +1,238 @@
+"""Getting an image prepared: one preparation per image, shared by every request that asks for it.
+
+Two-tier: an RQ job per image key, enqueued once; requests wait for its outcome on a Redis channel (one
+subscription per API process, no thread per waiter) and give up within bounded times when its worker dies.
+Embedded: the same preparation as an asyncio task inside the API process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Protocol
+
+import anyio.to_thread
+import httpx
+import redis as redis_sync
+import redis.asyncio as aioredis
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from shared.errors import PassthroughError, TimedOut, Unavailable
+from shared.jobs import (JOB_FUNCTION, OUTCOME_PATTERN, JobSpec, credentials_key, heartbeat_key, outcome_key,
+                         seal_credentials)
+from shared.locks import LocalLocks
+from shared.prepare import image_key, job_id_for, prepare_image
+from shared.registry import Credentials, RegistryClient
+from shared.settings import Settings
+from shared.store import ImageRecord, Store
+
+log = logging.getLogger("docker_http_passthrough.api")
+
+ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED}
+# How often a waiter re-checks the job's state when no outcome message arrives.
+CHECK_EVERY = 1.0
+# A job that started this recently may not have written its first heartbeat yet.
+START_GRACE = 10.0
+
+
+class Preparer(Protocol):
+    async def ensure(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord: ...
+    async def close(self) -> None: ...
+
+
+def _key(spec: JobSpec) -> str:
+    return image_key(spec.registry.api_url, spec.repository, spec.manifest_digest)
+
+
+class EmbeddedPreparer:
+    def __init__(self, settings: Settings, store: Store, http: httpx.AsyncClient):
+        self.settings = settings
+        self.store = store
+        self.http = http
+        self.locks = LocalLocks()
+        self.running: dict[str, asyncio.Task] = {}
+
+    async def _run(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord:
+        client = RegistryClient(self.http, spec.registry, spec.repository, credentials, token)
+        return await prepare_image(client, self.store, spec.manifest_digest, self.locks, self.settings.layer_concurrency)
+
+    async def ensure(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord:
+        job_id = job_id_for(_key(spec))
+        task = self.running.get(job_id)
+        if task is None:
+            task = asyncio.create_task(self._run(spec, credentials, token))
+            self.running[job_id] = task
+            # Forget the task when it ends, success or failure, so a later request retries a failure.
+            task.add_done_callback(lambda _t: self.running.pop(job_id, None))
+        try:
+            # shield: a client that hangs up does not cancel the preparation others wait for.
+            return await asyncio.wait_for(asyncio.shield(task), self.settings.prepare_timeout)
+        except TimeoutError:
+            raise TimedOut(f"preparing the image took longer than PREPARE_TIMEOUT={self.settings.prepare_timeout:g}s") from None
+
+    async def close(self) -> None:
+        for task in list(self.running.values()):
+            task.cancel()
+
+
+class OutcomeWatcher:
+    """One pattern subscription per process; wakes the waiters of a job when its outcome is published."""
+
+    def __init__(self, client: aioredis.Redis):
+        self.client = client
+        self.waiters: dict[str, set[asyncio.Event]] = {}
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._listen())
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = self.client.pubsub()
+                await pubsub.psubscribe(OUTCOME_PATTERN)
+                async for message in pubsub.listen():
+                    if message.get("type") == "pmessage":
+                        channel = message["channel"].decode()
+                        for event in self.waiters.get(channel, ()):
+                            event.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # waiters fall back to CHECK_EVERY polling meanwhile
+                log.warning("outcome subscription lost; reconnecting", exc_info=True)
+                await asyncio.sleep(1.0)
+
+    async def wait(self, job_id: str, timeout: float) -> None:
+        channel = outcome_key(job_id)
+        event = asyncio.Event()
+        self.waiters.setdefault(channel, set()).add(event)
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self.waiters[channel].discard(event)
+            if not self.waiters[channel]:
+                del self.waiters[channel]
+
+    async def close(self) -> None:
+        if self.task:
+            self.task.cancel()
+
+
+class QueuePreparer:
+    def __init__(self, settings: Settings, store: Store):
+        self.settings = settings
+        self.store = store
+        self.sync = redis_sync.Redis.from_url(settings.redis_url)
+        self.redis = aioredis.Redis.from_url(settings.redis_url)
+        self.queue = Queue(settings.queue_name, connection=self.sync)
+        self.watcher = OutcomeWatcher(self.redis)
+        self.watcher.start()
+
+    def _job_lost(self, job: Job) -> bool:
+        """A started job whose worker stopped beating: its worker died and RQ has not noticed yet."""
+        if job.get_status(refresh=False) != JobStatus.STARTED or self.sync.exists(heartbeat_key(job.id)):
+            return False
+        started = job.started_at.timestamp() if job.started_at else 0.0
+        return time.time() - started > START_GRACE
+
+    def _enqueue_unless_running(self, spec: JobSpec, job_id: str, sealed: bytes | None) -> None:
+        """Runs in a thread (RQ is synchronous). A short Redis lock makes check-then-enqueue atomic across APIs."""
+        with self.sync.lock(f"dhp:enqueue:{job_id}", timeout=30, blocking_timeout=30):
+            if self.store.get_image(_key(spec)) is not None:
+                return
+            try:
+                job = Job.fetch(job_id, connection=self.sync)
+            except NoSuchJobError:
+                job = None
+            if job is not None:
+                if job.get_status(refresh=False) in ACTIVE and not self._job_lost(job):
+                    return
+                # Failed, finished without output, or orphaned: RQ keeps such ids for a long time; replace it.
+                job.delete()
+            pipe = self.sync.pipeline()
+            pipe.delete(outcome_key(job_id), heartbeat_key(job_id))
+            if sealed is not None:
+                pipe.set(credentials_key(job_id), sealed, ex=self.settings.job_timeout + 600)
+            pipe.execute()
+            self.queue.enqueue(
+                JOB_FUNCTION,
+                kwargs=spec.as_kwargs(),
+                job_id=job_id,
+                job_timeout=self.settings.job_timeout,
+                result_ttl=600,
+                failure_ttl=600,
+                description=f"prepare {spec.registry.name}/{spec.repository}@{spec.manifest_digest}",
+            )
+
+    async def _live_workers(self) -> int:
+        members = await self.redis.smembers(f"rq:workers:{self.settings.queue_name}")
+        if not members:
+            return 0
+        return int(await self.redis.exists(*members))
+
+    async def _wait(self, job_id: str) -> None:
+        deadline = time.monotonic() + self.settings.prepare_timeout
+        trouble_since: float | None = None
+        while True:
+            outcome = await self.redis.get(outcome_key(job_id))
+            if outcome is not None:
+                result = json.loads(outcome)
+                if result.get("ok"):
+                    return
+                raise PassthroughError.from_dict(result)
+            status = await self.redis.hget(f"rq:job:{job_id}", "status")
+            status = status.decode() if status else None
+            problem = None
+            if status is None:
+                raise Unavailable("the preparation job disappeared from Redis before it finished")
+            if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+                # No outcome: the job was killed (job timeout or its worker process died).
+                raise PassthroughError(f"the preparation job ended ({status}) without a result: its worker was "
+                                       "killed or it ran past JOB_TIMEOUT; see the worker logs", status=502,
+                                       code="preparation_failed")
+            if status == JobStatus.STARTED and not await self.redis.exists(heartbeat_key(job_id)):
+                problem = "the worker preparing this image stopped responding"
+            elif status == JobStatus.QUEUED and not await self._live_workers():
+                problem = "no preparation worker is running"
+            now = time.monotonic()
+            if problem is None:
+                trouble_since = None
+            elif trouble_since is None:
+                trouble_since = now
+            elif now - trouble_since > self.settings.worker_lost_timeout:
+                raise TimedOut(f"{problem} (waited {self.settings.worker_lost_timeout:g}s, WORKER_LOST_TIMEOUT)")
+            if now > deadline:
+                raise TimedOut(f"preparing the image took longer than PREPARE_TIMEOUT={self.settings.prepare_timeout:g}s")
+            await self.watcher.wait(job_id, min(CHECK_EVERY, max(deadline - now, 0.01)))
+
+    async def ensure(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord:
+        key = _key(spec)
+        job_id = job_id_for(key)
+        sealed = None
+        if spec.credential_source == "client":
+            if not self.settings.credentials_key:
+                raise Unavailable("two-tier mode needs CREDENTIALS_KEY (the same on API and workers) to hand the "
+                                  "client's registry credentials to a worker", code="credentials_key_missing")
+            sealed = seal_credentials(credentials, self.settings.credentials_key)
+        try:
+            await anyio.to_thread.run_sync(self._enqueue_unless_running, spec, job_id, sealed)
+        except redis_sync.RedisError as exc:
+            raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
+        if self.store.get_image(key) is None:
+            await self._wait(job_id)
+        record = self.store.get_image(key)
+        if record is None:
+            raise Unavailable("the preparation finished but the image is not in CACHE_DIR: do the API and the "
+                              "workers share the same volume?", code="store_mismatch")
+        return record
+
+    async def close(self) -> None:
+        await self.watcher.close()
+        await self.redis.aclose()
+        self.sync.close()

@@ -1,0 +1,3 @@
+from docker_http_passthrough.cli import main
+
+main()

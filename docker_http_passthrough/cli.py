@@ -1,0 +1,45 @@
+"""Command line: `docker-http-passthrough serve` and `docker-http-passthrough worker`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from shared.settings import SettingsError, load_settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="docker-http-passthrough",
+                                     description="Serve registry images as docker-save tar files over plain HTTP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP API (embedded mode when REDIS_URL is not set)")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8080)
+    worker = commands.add_parser("worker", help="run a preparation worker (needs REDIS_URL)")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.add_argument("--name", default=None, help="worker name (default: RQ picks one)")
+    args = parser.parse_args(argv)
+
+    level = (os.environ.get("LOG_LEVEL") or os.environ.get("RUST_LOG") or "info").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"docker-http-passthrough: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    if args.command == "serve":
+        from api.server import run
+
+        run(settings, args.host, args.port)
+    else:
+        from worker.main import run
+
+        run(settings, burst=args.burst, name=args.name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Manifest media types and parsing: Docker schema2 and OCI manifests, manifest lists and indexes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from shared.errors import InvalidContent, NotFound, Unsupported
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json", "application/vnd.docker.distribution.manifest.v1+prettyjws")
+
+IMAGE_MANIFESTS = (DOCKER_MANIFEST, OCI_MANIFEST)
+INDEXES = (DOCKER_MANIFEST_LIST, OCI_INDEX)
+# Sent on HEAD too: without it distribution 2.8 converts to schema1 and reports a different digest.
+ACCEPT = ", ".join(IMAGE_MANIFESTS + INDEXES)
+
+GZIP_LAYERS = frozenset({
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+})
+PLAIN_LAYERS = frozenset({
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+})
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ImageManifest:
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+
+
+def check_supported(media_type: str) -> None:
+    if media_type in SCHEMA1:
+        raise Unsupported("the registry only offers a Docker schema1 manifest for this image; schema1 is not supported "
+                          "(push the image again with a current Docker or any OCI tool)")
+    if media_type not in IMAGE_MANIFESTS + INDEXES:
+        raise Unsupported(f"unsupported manifest media type {media_type!r}")
+
+
+def _load(data: bytes) -> dict:
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise InvalidContent("the registry sent a manifest that is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidContent("the registry sent a manifest that is not a JSON object")
+    return doc
+
+
+def _descriptor(raw: object) -> Descriptor:
+    try:
+        return Descriptor(str(raw["mediaType"]), str(raw["digest"]), int(raw["size"]))  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        raise InvalidContent("the manifest has a descriptor without mediaType, digest or size") from None
+
+
+def media_type_of(data: bytes, fallback: str) -> str:
+    """The media type a manifest declares in its body; the Content-Type header is the fallback (OCI allows both)."""
+    declared = _load(data).get("mediaType")
+    return declared if isinstance(declared, str) and declared else fallback
+
+
+def parse_image_manifest(data: bytes) -> ImageManifest:
+    doc = _load(data)
+    if doc.get("schemaVersion") == 1:
+        check_supported(SCHEMA1[0])
+    if "manifests" in doc:
+        raise InvalidContent("expected an image manifest but got an index")
+    layers = tuple(_descriptor(layer) for layer in doc.get("layers") or ())
+    for layer in layers:
+        if layer.media_type not in GZIP_LAYERS | PLAIN_LAYERS:
+            raise Unsupported(f"layer {layer.digest} has media type {layer.media_type!r}; "
+                              "only gzip and uncompressed tar layers are supported")
+    return ImageManifest(config=_descriptor(doc.get("config")), layers=layers)
+
+
+def select_platform(index: bytes, platform: str) -> Descriptor:
+    """Pick the manifest for `platform` ("os/arch[/variant]") by its platform field, never by position."""
+    want_os, want_arch, *rest = platform.split("/")
+    want_variant = rest[0] if rest else None
+    offered = []
+    for entry in _load(index).get("manifests") or ():
+        plat = entry.get("platform") or {}
+        offered.append("/".join(p for p in (plat.get("os"), plat.get("architecture"), plat.get("variant")) if p))
+        if plat.get("os") == want_os and plat.get("architecture") == want_arch and (
+            want_variant is None or plat.get("variant") == want_variant
+        ):
+            return _descriptor(entry)
+    raise NotFound(f"the image has no {platform} variant (offered: {', '.join(offered) or 'none'})",
+                   code="platform_not_found")

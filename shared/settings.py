@@ -1,0 +1,135 @@
+"""Settings from the environment, with the names and defaults of the Rust tool this project replaces.
+
+Both tiers read the same variables; a bad value stops start-up with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+from urllib.parse import urlsplit
+
+CLIENT_AUTH_MODES = ("optional", "required", "off")
+DOCKER_HUB_API = "https://registry-1.docker.io"
+
+
+class SettingsError(ValueError):
+    """A setting with a value that cannot work; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    registry_url: str = DOCKER_HUB_API
+    registry_name: str = ""
+    # None: not set (discover from the registry's challenge); "": explicitly no token endpoint.
+    registry_auth_url: str | None = None
+    registry_service: str | None = None
+    registry_username: str | None = None
+    registry_password: str | None = None
+    registry_bearer_token: str | None = None
+    registry_client_auth: str = "optional"
+    registry_default_namespace: str | None = None
+    redis_url: str | None = None
+    cache_dir: str = "./cache"
+    queue_name: str = "docker-http-passthrough"
+    # Key shared by both tiers to encrypt client credentials while a job needs them.
+    credentials_key: str | None = None
+    platform: str = "linux/amd64"
+    job_timeout: int = 4 * 3600
+    # How long a request waits for its preparation job before answering 504.
+    prepare_timeout: float = 3600.0
+    # A running job whose heartbeat is older than this, or a queued job with no worker alive, is given up.
+    worker_lost_timeout: float = 60.0
+    upstream_timeout: float = 30.0
+    layer_concurrency: int = 3
+
+    @property
+    def two_tier(self) -> bool:
+        return bool(self.redis_url)
+
+
+def _optional(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    return value if value else None
+
+
+def _positive_number(env: Mapping[str, str], name: str, default: float, kind: type) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
+    if value <= 0:
+        raise SettingsError(f"{name}={raw!r} must be greater than zero")
+    return value
+
+
+def _http_url(name: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"{name}={value!r} must be an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise SettingsError(f"{name} must not carry credentials in the URL; use REGISTRY_USERNAME/REGISTRY_PASSWORD")
+    return value.rstrip("/")
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    registry_url = _http_url("REGISTRY_URL", env.get("REGISTRY_URL") or DOCKER_HUB_API)
+
+    auth_url = env.get("REGISTRY_AUTH_URL")
+    if auth_url:
+        auth_url = _http_url("REGISTRY_AUTH_URL", auth_url)
+
+    client_auth = (env.get("REGISTRY_CLIENT_AUTH") or "optional").strip().lower()
+    if client_auth not in CLIENT_AUTH_MODES:
+        raise SettingsError(
+            f"REGISTRY_CLIENT_AUTH={env.get('REGISTRY_CLIENT_AUTH')!r} must be one of {', '.join(CLIENT_AUTH_MODES)}"
+        )
+
+    username = _optional(env, "REGISTRY_USERNAME")
+    password = _optional(env, "REGISTRY_PASSWORD")
+    if bool(username) != bool(password):
+        raise SettingsError("REGISTRY_USERNAME and REGISTRY_PASSWORD must be set together")
+
+    namespace = _optional(env, "REGISTRY_DEFAULT_NAMESPACE")
+    if namespace is not None:
+        from shared.name import parse_filename
+
+        try:
+            parse_filename("x_latest.tar", docker_hub=False, default_namespace=namespace)
+        except ValueError:
+            raise SettingsError(f"REGISTRY_DEFAULT_NAMESPACE={namespace!r} is not a valid repository path") from None
+
+    redis_url = _optional(env, "REDIS_URL")
+    if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
+
+    platform = env.get("PLATFORM") or "linux/amd64"
+    if platform.count("/") not in (1, 2):
+        raise SettingsError(f"PLATFORM={platform!r} must look like os/architecture[/variant]")
+
+    return Settings(
+        registry_url=registry_url,
+        registry_name=env.get("REGISTRY_NAME") or "",
+        registry_auth_url=auth_url if "REGISTRY_AUTH_URL" in env else None,
+        registry_service=_optional(env, "REGISTRY_SERVICE"),
+        registry_username=username,
+        registry_password=password,
+        registry_bearer_token=_optional(env, "REGISTRY_BEARER_TOKEN") or _optional(env, "REGISTRY_TOKEN"),
+        registry_client_auth=client_auth,
+        registry_default_namespace=namespace,
+        redis_url=redis_url,
+        cache_dir=env.get("CACHE_DIR") or "./cache",
+        queue_name=env.get("QUEUE_NAME") or "docker-http-passthrough",
+        credentials_key=_optional(env, "CREDENTIALS_KEY"),
+        platform=platform,
+        job_timeout=int(_positive_number(env, "JOB_TIMEOUT", 4 * 3600, int)),
+        prepare_timeout=_positive_number(env, "PREPARE_TIMEOUT", 3600.0, float),
+        worker_lost_timeout=_positive_number(env, "WORKER_LOST_TIMEOUT", 60.0, float),
+        upstream_timeout=_positive_number(env, "UPSTREAM_TIMEOUT", 30.0, float),
+        layer_concurrency=int(_positive_number(env, "LAYER_CONCURRENCY", 3, int)),
+    )

@@ -1,0 +1,95 @@
+"""The RQ job: prepare one image into the shared store, then tell waiting API processes how it went."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+
+import redis.asyncio as aioredis
+from rq import get_current_job
+
+from shared.errors import PassthroughError
+from shared.jobs import CREDENTIAL_SOURCES, JobSpec, credentials_key, heartbeat_key, outcome_key, unseal_credentials
+from shared.locks import RedisLocks
+from shared.prepare import prepare_image
+from shared.registry import Credentials, RegistryClient, new_http_client
+from shared.settings import Settings, load_settings
+from shared.store import Store
+
+log = logging.getLogger("docker_http_passthrough.worker")
+
+HEARTBEAT_EVERY = 5.0
+OUTCOME_TTL = 3600
+
+
+def _credentials(settings: Settings, spec: JobSpec, sealed: bytes | None) -> tuple[Credentials | None, str | None]:
+    """(Basic credentials, static bearer token) for the source the API chose."""
+    if spec.credential_source == "client":
+        if sealed is None or not settings.credentials_key:
+            raise PassthroughError("the client's credentials for this job are gone or CREDENTIALS_KEY is not set "
+                                   "on the worker", status=503, code="credentials_unavailable")
+        return unseal_credentials(sealed, settings.credentials_key), None
+    if spec.credential_source == "settings":
+        creds = None
+        if settings.registry_username and settings.registry_password:
+            creds = Credentials(settings.registry_username, settings.registry_password)
+        return creds, settings.registry_bearer_token
+    return None, None
+
+
+async def _prepare(settings: Settings, spec: JobSpec, credentials: Credentials | None, token: str | None) -> None:
+    store = Store(settings.cache_dir)
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        async with new_http_client(settings) as http:
+            client = RegistryClient(http, spec.registry, spec.repository, credentials, token)
+            await prepare_image(client, store, spec.manifest_digest, RedisLocks(redis), settings.layer_concurrency)
+    finally:
+        await redis.aclose()
+
+
+def _beat(connection, key: str, stop: threading.Event, ttl: int) -> None:
+    while not stop.is_set():
+        try:
+            connection.set(key, "1", ex=ttl)
+        except Exception:  # a Redis hiccup must not kill the job; the API tolerates a missed beat
+            log.warning("heartbeat to Redis failed", exc_info=True)
+        stop.wait(HEARTBEAT_EVERY)
+
+
+def prepare(target: dict, repository: str, manifest_digest: str, credential_source: str) -> dict:
+    if credential_source not in CREDENTIAL_SOURCES:
+        raise ValueError(f"unknown credential source {credential_source!r}")
+    settings = load_settings()
+    job = get_current_job()
+    connection = job.connection
+    spec = JobSpec(target, repository, manifest_digest, credential_source)
+    stop = threading.Event()
+    beat_ttl = max(int(settings.worker_lost_timeout / 2), 10)
+    beat = threading.Thread(target=_beat, args=(connection, heartbeat_key(job.id), stop, beat_ttl), daemon=True)
+    beat.start()
+    outcome: dict = {"ok": True}
+    try:
+        sealed = connection.get(credentials_key(job.id))
+        credentials, token = _credentials(settings, spec, sealed)
+        asyncio.run(_prepare(settings, spec, credentials, token))
+        return outcome
+    except PassthroughError as exc:
+        outcome = {"ok": False, **exc.to_dict()}
+        raise
+    except Exception as exc:
+        outcome = {"ok": False, "error": "preparation_failed", "status": 502,
+                   "message": f"preparing the image failed: {type(exc).__name__}: {exc}"}
+        raise
+    finally:
+        stop.set()
+        beat.join(timeout=2)
+        pipe = connection.pipeline()
+        pipe.delete(credentials_key(job.id), heartbeat_key(job.id))
+        pipe.set(outcome_key(job.id), json.dumps(outcome), ex=OUTCOME_TTL)
+        pipe.publish(outcome_key(job.id), json.dumps(outcome))
+        pipe.execute()
+        log.info("prepared %s/%s@%s: %s", spec.registry.name, repository, manifest_digest,
+                 "ok" if outcome["ok"] else outcome["message"])
