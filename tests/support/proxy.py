@@ -1,0 +1,442 @@
+"""A counting, throttling, fault-injecting HTTP/1.1 reverse proxy for tests.
+
+Put it between the code under test and a real registry to see exactly which
+requests were made (``requests`` / ``count``) and to inject faults: corrupted
+bodies, slow bodies, error statuses and slow headers.
+
+Bodies are streamed in chunks in both directions, so multi-GiB blobs are fine.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import socket
+import sys
+import threading
+import time
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal, NamedTuple
+from urllib.parse import urlsplit
+
+Kind = Literal["manifest", "blob", "upload", "base"]
+
+CHUNK_SIZE = 64 * 1024
+UPSTREAM_TIMEOUT_SECONDS = 60.0
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus ones this proxy recomputes itself.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "expect",  # the 100-continue handshake is done by the proxy's own server side
+        "host",  # set to the upstream's
+    }
+)
+
+_MANIFEST_RE = re.compile(r"^/v2/.+/manifests/[^/]+$")
+_BLOB_RE = re.compile(r"^/v2/.+/blobs/[A-Za-z0-9_+.-]+:[A-Za-z0-9=_-]+$")
+
+
+def kind_of(path: str) -> Kind | None:
+    """Classify a registry API path (without query string)."""
+    if path in ("/v2/", "/v2"):
+        return "base"
+    if "/blobs/uploads/" in path or path.endswith("/blobs/uploads"):
+        return "upload"
+    if _BLOB_RE.match(path):
+        return "blob"
+    if _MANIFEST_RE.match(path):
+        return "manifest"
+    return None
+
+
+class ProxyRecord(NamedTuple):
+    method: str
+    path: str  # without the query string
+    status: int
+
+
+class CountingProxy:
+    """Reverse proxy on 127.0.0.1:<free port> in front of ``upstream_url``.
+
+    Fault knobs may be changed at any time (they are read per request, or per
+    chunk for throttling) and are cleared by ``reset()``:
+
+    - ``corrupt_path_contains``: flip one byte in the middle of 2xx response
+      bodies whose path contains this substring (length unchanged).
+    - ``throttle_bytes_per_second``: pace response bodies to this rate.
+    - ``fail_status``: {path substring: status}; matching requests get that
+      status with an empty body and never reach the upstream.
+    - ``delay_seconds_before_headers``: sleep before handling each request.
+    """
+
+    def __init__(self, upstream_url: str) -> None:
+        upstream = urlsplit(upstream_url)
+        if upstream.scheme != "http" or not upstream.hostname:
+            raise ValueError(f"upstream must be an http:// URL, got {upstream_url!r}")
+        self.upstream_url = f"http://{upstream.netloc}"
+        self.upstream_netloc = upstream.netloc
+        self._upstream_address = (upstream.hostname, upstream.port or 80)
+
+        self._lock = threading.Lock()
+        self._requests: list[ProxyRecord] = []
+        self.corrupt_path_contains: str | None = None
+        self.throttle_bytes_per_second: float | None = None
+        self.fail_status: dict[str, int] = {}
+        self.delay_seconds_before_headers: float = 0.0
+
+        self._server: _ProxyServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> CountingProxy:
+        if self._server is not None:
+            return self
+        # Binding port 0 directly avoids the free_port() race.
+        server = _ProxyServer(("127.0.0.1", 0), _ProxyHandler, self)
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"CountingProxy:{server.server_address[1]}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.close_all_connections()  # don't leave keep-alive handler threads behind
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> CountingProxy:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("CountingProxy is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    # -- recording -----------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[ProxyRecord]:
+        """Snapshot of the requests seen so far, in arrival-of-response order."""
+        with self._lock:
+            return list(self._requests)
+
+    def reset(self) -> None:
+        """Forget recorded requests and clear all fault injection."""
+        with self._lock:
+            self._requests.clear()
+            self.corrupt_path_contains = None
+            self.throttle_bytes_per_second = None
+            self.fail_status = {}
+            self.delay_seconds_before_headers = 0.0
+
+    def count(
+        self,
+        method: str | None = None,
+        kind: Kind | None = None,
+        path_contains: str | None = None,
+        status: int | None = None,
+    ) -> int:
+        """Number of recorded requests matching all given filters."""
+        return sum(
+            1
+            for record in self.requests
+            if (method is None or record.method == method.upper())
+            and (kind is None or kind_of(record.path) == kind)
+            and (path_contains is None or path_contains in record.path)
+            and (status is None or record.status == status)
+        )
+
+    def _record(self, method: str, path: str, status: int) -> None:
+        with self._lock:
+            self._requests.append(ProxyRecord(method, path, status))
+
+    def _injected_status(self, path: str) -> int | None:
+        for substring, status in dict(self.fail_status).items():
+            if substring in path:
+                return status
+        return None
+
+    def _rewrite_location(self, value: str) -> str:
+        if value.startswith(self.upstream_url):
+            return self.url + value[len(self.upstream_url) :]
+        return value
+
+
+class _ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # idle keep-alive connections must not block stop()
+
+    def __init__(self, address: tuple[str, int], handler: type, proxy: CountingProxy) -> None:
+        self.proxy = proxy
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        with self._connections_lock:
+            self._connections.add(sock)
+        return sock, address
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_all_connections(self) -> None:
+        with self._connections_lock:
+            connections = list(self._connections)
+        for sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hanging up mid-stream is normal in tests; only report real bugs.
+        if isinstance(sys.exc_info()[1], OSError):  # resets, broken pipes, timeouts
+            return
+        traceback.print_exc()
+
+
+class _ClientGone(Exception):
+    """The downstream client disconnected; abandon this connection."""
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive + chunked responses
+    disable_nagle_algorithm = True
+    timeout = 120  # reap idle keep-alive connections eventually
+    server: _ProxyServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # no per-request noise on stderr
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
+
+    # -- request side --------------------------------------------------------------
+
+    def _handle(self) -> None:
+        proxy = self.server.proxy
+        method = self.command
+        target = urlsplit(self.path)
+        path = target.path or "/"
+        upstream_target = path + (f"?{target.query}" if target.query else "")
+
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            # Not needed by anything under test; refuse loudly rather than mis-proxy.
+            self.close_connection = True
+            self._send_empty(method, path, 501)
+            return
+        try:
+            body_length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            self._send_empty(method, path, 400)
+            return
+
+        delay = proxy.delay_seconds_before_headers
+        if delay:
+            time.sleep(delay)
+
+        injected = proxy._injected_status(path)
+        if injected is not None:
+            self._discard_request_body(body_length)
+            self._send_empty(method, path, injected)
+            return
+
+        upstream = http.client.HTTPConnection(
+            *proxy._upstream_address, timeout=UPSTREAM_TIMEOUT_SECONDS
+        )
+        try:
+            try:
+                response = self._forward_request(
+                    upstream, method, upstream_target, body_length
+                )
+            except _ClientGone:
+                self.close_connection = True
+                return
+            except (OSError, http.client.HTTPException) as exc:
+                self.close_connection = True
+                self._send_empty(method, path, 502, reason=f"upstream: {exc!r}")
+                return
+            self._forward_response(response, method, path)
+        except _ClientGone:
+            self.close_connection = True
+        finally:
+            upstream.close()
+
+    def _forward_request(
+        self,
+        upstream: http.client.HTTPConnection,
+        method: str,
+        target: str,
+        body_length: int,
+    ) -> http.client.HTTPResponse:
+        proxy = self.server.proxy
+        upstream.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+        upstream.putheader("Host", proxy.upstream_netloc)
+        for name, value in self._end_to_end(self.headers.items(), self.headers):
+            upstream.putheader(name, value)
+        upstream.endheaders()
+        remaining = body_length
+        while remaining > 0:
+            try:
+                data = self.rfile.read(min(CHUNK_SIZE, remaining))
+            except OSError as exc:
+                raise _ClientGone() from exc
+            if not data:
+                raise _ClientGone()
+            upstream.send(data)
+            remaining -= len(data)
+        return upstream.getresponse()
+
+    def _discard_request_body(self, length: int) -> None:
+        # Keeps the keep-alive connection in sync after an injected answer.
+        while length > 0:
+            data = self.rfile.read(min(CHUNK_SIZE, length))
+            if not data:
+                self.close_connection = True
+                return
+            length -= len(data)
+
+    # -- response side -------------------------------------------------------------
+
+    def _forward_response(
+        self, response: http.client.HTTPResponse, method: str, path: str
+    ) -> None:
+        proxy = self.server.proxy
+        status = response.status
+        has_body = method != "HEAD" and status not in (204, 304) and status >= 200
+        content_length = response.getheader("Content-Length")
+        rechunk = has_body and content_length is None
+
+        headers: list[tuple[str, str]] = []
+        for name, value in self._end_to_end(response.getheaders(), response.msg):
+            if name.lower() == "location":
+                value = proxy._rewrite_location(value)
+            headers.append((name, value))
+        if rechunk:
+            headers.append(("Transfer-Encoding", "chunked"))
+
+        corrupt_at: int | None = None
+        if (
+            has_body
+            and 200 <= status < 300
+            and proxy.corrupt_path_contains is not None
+            and proxy.corrupt_path_contains in path
+        ):
+            corrupt_at = int(content_length) // 2 if content_length else 0
+
+        proxy._record(method, path, status)
+        try:
+            self.send_response_only(status, response.reason)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.end_headers()
+            if has_body:
+                self._stream_body(response, rechunk, corrupt_at)
+        except OSError as exc:
+            raise _ClientGone() from exc
+
+    def _stream_body(
+        self, response: http.client.HTTPResponse, rechunk: bool, corrupt_at: int | None
+    ) -> None:
+        proxy = self.server.proxy
+        sent = 0
+        pace_rate: float | None = None
+        pace_start = 0.0
+        pace_sent = 0
+        while True:
+            rate = proxy.throttle_bytes_per_second
+            if rate != pace_rate:  # (re)start pacing whenever the knob changes
+                pace_rate, pace_start, pace_sent = rate, time.monotonic(), 0
+            # Small chunks under throttling (~20 writes/s) keep the rate smooth.
+            size = max(1, min(CHUNK_SIZE, int(rate / 20))) if rate else CHUNK_SIZE
+            try:
+                data = response.read1(size)
+            except (OSError, http.client.HTTPException):
+                data = b""
+                self.close_connection = True  # upstream broke: truncate for the client
+            if not data:
+                break
+            if corrupt_at is not None and sent <= corrupt_at < sent + len(data):
+                mutable = bytearray(data)
+                mutable[corrupt_at - sent] ^= 0xFF
+                data = bytes(mutable)
+            if rechunk:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            else:
+                self.wfile.write(data)
+            sent += len(data)
+            if rate:
+                pace_sent += len(data)
+                wait = pace_start + pace_sent / rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+        if rechunk and not self.close_connection:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def _send_empty(self, method: str, path: str, status: int, reason: str | None = None) -> None:
+        self.server.proxy._record(method, path, status)
+        try:
+            self.send_response_only(status, reason)
+            self.send_header("Content-Length", "0")
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+        except OSError:
+            self.close_connection = True
+
+    @staticmethod
+    def _end_to_end(
+        items: list[tuple[str, str]] | Any, message: Any
+    ) -> list[tuple[str, str]]:
+        """Drop hop-by-hop headers, including any named in ``Connection``."""
+        named = {
+            token.strip().lower()
+            for value in (message.get_all("Connection") or [])
+            for token in value.split(",")
+        }
+        return [
+            (name, value)
+            for name, value in items
+            if name.lower() not in _HOP_BY_HOP and name.lower() not in named
+        ]

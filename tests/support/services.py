@@ -1,0 +1,558 @@
+"""Real processes for tests: redis-server, dockerd, and the project's server and worker.
+
+Every part here is started on a free loopback port (or a private unix socket) and
+has a ``stop()`` that is safe to call twice; the pytest fixtures in
+``tests.support.service_fixtures`` make sure it is called at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Callable, Mapping
+
+import httpx
+import pytest
+import redis
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Environment variables worth passing to child processes. Everything else
+# (REDIS_URL, CACHE_DIR, DOCKER_HOST, proxies, ...) is dropped so that a
+# developer's shell cannot silently change what a test exercises.
+_INHERITED_ENV = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "VIRTUAL_ENV",
+    "PYTHONPATH",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+)
+_INHERITED_ENV_PREFIXES = ("LC_", "COVERAGE_")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip the current test unless ``condition``; under DHP_REQUIRE_ALL=1 fail instead.
+
+    CI sets DHP_REQUIRE_ALL=1 so that a missing binary or a part that failed to
+    start can never turn a red build green by skipping.
+    """
+    if condition:
+        return
+    if os.environ.get("DHP_REQUIRE_ALL") == "1":
+        pytest.fail(f"{reason} (DHP_REQUIRE_ALL=1 forbids skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def find_binary(name: str) -> str | None:
+    """``name`` on PATH, or in the sbin/bin dirs a non-login PATH may lack (dockerd)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"):
+        candidate = Path(directory) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def port_is_free(port: int) -> bool:
+    """Could a server listen on 127.0.0.1:port now? (TIME_WAIT leftovers don't count.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A minimal copy of os.environ with ``env`` merged over it."""
+    base = {
+        key: value
+        for key, value in os.environ.items()
+        if key in _INHERITED_ENV or key.startswith(_INHERITED_ENV_PREFIXES)
+    }
+    base.update(env or {})
+    # Logs must reach the log file even when the process is SIGKILLed.
+    base["PYTHONUNBUFFERED"] = "1"
+    return base
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"<no log at {path}: {exc}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _exited(proc: subprocess.Popen) -> bool:
+    """Has the process exited? Does not reap it.
+
+    Leaving the exited leader as a zombie keeps its pid (= the process group id)
+    reserved, so a later killpg() cannot hit an unrelated process group.
+    """
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _wait_until(
+    predicate: Callable[[], bool],
+    timeout: float,
+    proc: subprocess.Popen | None = None,
+    interval: float = 0.1,
+) -> bool:
+    """Poll ``predicate`` until true; give up early if ``proc`` has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except Exception:  # not up yet: connection refused, LOADING, ...
+            pass
+        if proc is not None and _exited(proc):
+            return False
+        time.sleep(interval)
+    return False
+
+
+def _terminate(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the process group, wait ``grace`` s for the leader, then SIGKILL the session.
+
+    The final SIGKILL also reaches children that outlive a clean exit of the leader.
+    It targets the whole session, not just the group, because an RQ work horse moves
+    itself into a process group of its own (os.setpgrp) but stays in the session.
+    All our children are started with start_new_session=True, so the session holds
+    nothing but processes we started.
+    """
+    if proc.returncode is not None:
+        return  # already stopped and reaped
+    _killpg(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while not _exited(proc) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _kill_session(proc, signal.SIGKILL)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _killpg(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    if proc.returncode is not None:
+        return  # reaped: its pgid may no longer be ours
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_session(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    """Signal every process in the session led by ``proc`` (which must be unreaped)."""
+    if proc.returncode is not None:
+        return  # reaped: its session id may no longer be ours
+    _killpg(proc, sig)
+    for pid, info in _process_table().items():
+        if info.sid == proc.pid and pid != os.getpid():
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@dataclass(frozen=True)
+class _ProcInfo:
+    ppid: int
+    sid: int
+    cmdline: str
+
+
+def _process_table() -> dict[int, _ProcInfo]:
+    """pid -> parent, session and command line, read from /proc."""
+    table: dict[int, _ProcInfo] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue  # exited meanwhile
+        # Fields after "(comm)": state ppid pgrp session ...
+        fields = stat.rsplit(")", 1)[1].split()
+        table[int(entry.name)] = _ProcInfo(
+            ppid=int(fields[1]), sid=int(fields[3]), cmdline=cmdline.decode(errors="replace")
+        )
+    return table
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "ab")
+
+
+# --------------------------------------------------------------------------- redis
+
+
+class RedisProcess:
+    """A throw-away redis-server with persistence disabled."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.log_path = log_path
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def client(self, **kwargs) -> redis.Redis:
+        return redis.Redis.from_url(self.url, **kwargs)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        _terminate(self.proc, grace=10)
+
+    def __repr__(self) -> str:
+        return f"<RedisProcess {self.url} pid={self.pid}>"
+
+
+def start_redis(workdir: Path, timeout: float = 10.0) -> RedisProcess:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    binary = find_binary("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server binary not found")
+    last_error = ""
+    for _attempt in range(3):  # free_port() can race with another process
+        port = free_port()
+        log_path = workdir / f"redis-{port}.log"
+        with _open_log(log_path) as log:
+            proc = subprocess.Popen(
+                [
+                    binary,
+                    "--port", str(port),
+                    "--bind", "127.0.0.1",
+                    "--protected-mode", "no",
+                    "--save", "",
+                    "--appendonly", "no",
+                    "--dir", str(workdir),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        server = RedisProcess(proc, port, log_path)
+        probe = server.client(socket_timeout=1)
+        try:
+            if _wait_until(lambda: bool(probe.ping()), timeout, proc):
+                return server
+        finally:
+            probe.close()
+        server.stop()
+        last_error = tail(log_path)
+    raise RuntimeError(f"redis-server did not start:\n{last_error}")
+
+
+# --------------------------------------------------------------------------- dockerd
+
+
+class DockerEngine:
+    """A private dockerd (vfs storage, no networking) on its own unix socket."""
+
+    def __init__(self, proc: subprocess.Popen, base_dir: Path, docker: str = "docker") -> None:
+        self.proc = proc
+        self.base_dir = base_dir
+        self.docker = docker  # client binary
+        self.socket_path = base_dir / "docker.sock"
+        self.host = f"unix://{self.socket_path}"
+        self.data_root = base_dir / "root"
+        self.exec_root = base_dir / "exec"
+        self.log_path = base_dir / "dockerd.log"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``docker -H <host> <args>``; output is captured as text."""
+        cmd = [self.docker, "-H", self.host, *args]
+        result = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=child_env({"DOCKER_CONFIG": str(self.base_dir / "client")}),
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(cmd)} exited {result.returncode}\n"
+                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+            )
+        return result
+
+    def load(self, tar_path: Path | str, timeout: float = 300) -> str:
+        """``docker load -i tar_path``; returns stdout, e.g. 'Loaded image: nginx:latest'."""
+        return self.run("load", "-i", str(tar_path), timeout=timeout).stdout
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if not _exited(self.proc):
+            # Remove containers first so dockerd does not spend its grace period on them.
+            try:
+                ids = self.run("ps", "-aq", check=False, timeout=15).stdout.split()
+                if ids:
+                    self.run("rm", "-f", *ids, check=False, timeout=60)
+            except (subprocess.TimeoutExpired, OSError):
+                pass
+        _terminate(self.proc, grace=20)
+        # dockerd starts containerd in a session of its own; it only goes away by
+        # itself when dockerd shuts down cleanly.
+        _kill_processes_mentioning(str(self.exec_root))
+        _unmount_under(self.base_dir)
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __repr__(self) -> str:
+        return f"<DockerEngine {self.host} pid={self.pid}>"
+
+
+def start_dockerd(timeout: float = 60.0) -> DockerEngine:
+    binary = find_binary("dockerd")
+    docker = find_binary("docker")
+    if binary is None or docker is None:
+        raise RuntimeError("dockerd or docker client not found")
+    # Short path: unix sockets (docker.sock, containerd's sockets under exec-root)
+    # are limited to ~108 bytes.
+    base_dir = Path(tempfile.mkdtemp(prefix="dhp-dk-"))
+    engine_args = [
+        binary,
+        "--storage-driver=vfs",
+        "--iptables=false",
+        "--bridge=none",
+        f"--host=unix://{base_dir / 'docker.sock'}",
+        f"--data-root={base_dir / 'root'}",
+        f"--exec-root={base_dir / 'exec'}",
+        f"--pidfile={base_dir / 'pid'}",
+    ]
+    with _open_log(base_dir / "dockerd.log") as log:
+        proc = subprocess.Popen(
+            engine_args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    engine = DockerEngine(proc, base_dir, docker)
+
+    def answers() -> bool:
+        return engine.run("version", check=False, timeout=10).returncode == 0
+
+    if not _wait_until(answers, timeout, proc, interval=0.5):
+        log_tail = tail(engine.log_path)
+        engine.stop()
+        raise RuntimeError(f"dockerd did not answer within {timeout:.0f}s:\n{log_tail}")
+    return engine
+
+
+def _kill_processes_mentioning(needle: str) -> None:
+    """SIGKILL processes whose command line contains ``needle`` (a path unique to us),
+    and all their descendants (containerd-shim -> container processes)."""
+    table = _process_table()
+    doomed = {pid for pid, info in table.items() if needle in info.cmdline}
+    doomed.discard(os.getpid())
+    while True:  # close over descendants: containers are children of the shims
+        children = {pid for pid, info in table.items() if info.ppid in doomed} - doomed
+        if not children:
+            break
+        doomed |= children
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _unmount_under(base: Path) -> None:
+    """Lazily unmount leftovers (container shm, netns) below ``base``, deepest first."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return
+    prefix = str(base) + "/"
+    targets = [
+        line.split()[1].replace("\\040", " ") for line in mounts if len(line.split()) > 1
+    ]
+    for target in sorted((t for t in targets if t.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+
+
+# --------------------------------------------------------------------------- project processes
+
+
+class _ProjectProcess:
+    """Common parts of `python -m docker_http_passthrough <command>` children."""
+
+    # Overridable so the plumbing itself can be tested against a stub module.
+    module = "docker_http_passthrough"
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return not _exited(self.proc)
+
+    def kill(self) -> None:
+        """SIGKILL the process and everything it forked (e.g. an RQ work horse)."""
+        _kill_session(self.proc, signal.SIGKILL)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def _spawn(self, args: list[str], env: Mapping[str, str] | None) -> subprocess.Popen:
+        with _open_log(self.log_path) as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", self.module, *args],
+                cwd=REPO_ROOT,
+                env=child_env(env),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # lets kill()/stop() reach everything it forks
+            )
+
+
+class ServerProcess(_ProjectProcess):
+    """The HTTP server (`docker_http_passthrough serve`) on a free loopback port.
+
+    ``env`` is merged over a minimal copy of os.environ; REDIS_URL, CACHE_DIR, ...
+    reach the server only when passed here.
+    """
+
+    def __init__(
+        self,
+        env: Mapping[str, str] | None,
+        log_path: Path,
+        port: int | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.env = dict(env or {})
+        self.log_path = Path(log_path)
+        fixed_port = port is not None
+        for _attempt in range(1 if fixed_port else 3):
+            self.port = port if fixed_port else free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.proc = self._spawn(
+                ["serve", "--host", "127.0.0.1", "--port", str(self.port)], self.env
+            )
+            if _wait_until(self._healthy, timeout, self.proc, interval=0.1):
+                return
+            log = self.log_text()
+            self.stop()
+            # A port grabbed by someone else between free_port() and bind: retry.
+            if "address already in use" not in log.lower():
+                break
+        raise RuntimeError(
+            f"server did not answer GET /health with 200 within {timeout:.0f}s "
+            f"(exit code {self.proc.returncode}); log tail:\n{tail(self.log_path)}"
+        )
+
+    def _healthy(self) -> bool:
+        return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+
+    def stop(self) -> None:
+        _terminate(self.proc, grace=10)
+
+    def __repr__(self) -> str:
+        return f"<ServerProcess {self.url} pid={self.pid}>"
+
+
+class WorkerProcess(_ProjectProcess):
+    """An RQ worker (`docker_http_passthrough worker`); returns once it is registered."""
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        timeout: float = 20.0,
+    ) -> None:
+        missing = {"REDIS_URL", "CACHE_DIR"} - set(env)
+        if missing:
+            raise ValueError(f"WorkerProcess env lacks {sorted(missing)}")
+        self.env = dict(env)
+        self.log_path = Path(log_path)
+        self.redis_url = self.env["REDIS_URL"]
+        conn = redis.Redis.from_url(self.redis_url, socket_timeout=2)
+        try:
+            before = conn.scard("rq:workers")
+            self.proc = self._spawn(["worker"], self.env)
+            registered = _wait_until(
+                lambda: self._registered(conn, before), timeout, self.proc, interval=0.1
+            )
+        finally:
+            conn.close()
+        if not registered:
+            self.stop()
+            raise RuntimeError(
+                f"worker did not register in rq:workers within {timeout:.0f}s "
+                f"(exit code {self.proc.returncode}); log tail:\n{tail(self.log_path)}"
+            )
+
+    def _registered(self, conn: redis.Redis, before: int) -> bool:
+        # RQ 3 adds each live worker's key to the set rq:workers (hash holds its pid).
+        # Match our pid when possible; fall back to "the set grew" for wrapper CLIs.
+        for key in conn.smembers("rq:workers"):
+            if conn.hget(key, "pid") == str(self.pid).encode():
+                return True
+        return conn.scard("rq:workers") > before
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM lets RQ unregister), after 10 s SIGKILL the whole session."""
+        _terminate(self.proc, grace=10)
+
+    def __repr__(self) -> str:
+        return f"<WorkerProcess pid={self.pid} redis={self.redis_url}>"

@@ -1,0 +1,258 @@
+"""Tests for shared.archive: legacy docker-save layout, exact size, ranges."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from shared.archive import (
+    MAX_MEMBER_SIZE,
+    ArchivePlan,
+    ArchiveSourceError,
+    LayerFile,
+    iter_archive,
+    plan_archive,
+    write_archive,
+)
+
+REPO_TAG = "127.0.0.1:5000/team/app:v1"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _make_layer(path: Path, files: dict[str, bytes]) -> LayerFile:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = path.read_bytes()
+    return LayerFile("sha256:" + hashlib.sha256(raw).hexdigest(), len(raw), str(path))
+
+
+def _config(layers: list[LayerFile]) -> tuple[bytes, str]:
+    # Deliberately not compact, so "byte for byte" is actually tested.
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "created": "2024-05-01T12:00:00Z",
+            "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
+        },
+        indent=2,
+    ).encode()
+    return config, "sha256:" + hashlib.sha256(config).hexdigest()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[bytes, str, list[LayerFile]]:
+    a = _make_layer(tmp_path / "a.tar", {"bin/tool": os.urandom(3000), "etc/a": b"a\n"})
+    # Bigger than a chunk in the range tests, so chunks fall inside layer data.
+    b = _make_layer(tmp_path / "b.tar", {"data/blob": os.urandom(300_000)})
+    layers = [a, b, a]  # `a` repeated: must still be two regular files
+    config, digest = _config(layers)
+    return config, digest, layers
+
+
+def _render(plan: ArchivePlan) -> bytes:
+    out = io.BytesIO()
+    write_archive(plan, out)
+    return out.getvalue()
+
+
+def test_layout_and_content(image: tuple[bytes, str, list[LayerFile]]) -> None:
+    config, digest, layers = image
+    plan = plan_archive(config, digest, layers, REPO_TAG)
+    data = _render(plan)
+    assert plan.size == len(data)
+    assert len(data) % 512 == 0
+    assert data[-1024:] == bytes(1024)  # two end blocks, no extra tarfile padding
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+        names = [m.name for m in members]
+        for m in members:
+            assert m.isfile() or m.isdir(), m.name
+            assert (m.mtime, m.uid, m.gid, m.uname, m.gname) == (0, 0, 0, "", "")
+            assert m.mode == (0o755 if m.isdir() else 0o644)
+
+        ids = list(plan.layer_ids)
+        assert len(set(ids)) == 3  # repeated layer gets its own id
+        expected: list[str] = []
+        for layer_id in ids:
+            expected += [layer_id, f"{layer_id}/VERSION", f"{layer_id}/json", f"{layer_id}/layer.tar"]
+        hex_ = digest.removeprefix("sha256:")
+        expected += [f"{hex_}.json", "manifest.json", "repositories"]
+        assert names == expected
+
+        def read(name: str) -> bytes:
+            f = tar.extractfile(name)
+            assert f is not None
+            return f.read()
+
+        for layer_id, layer in zip(ids, layers):
+            assert read(f"{layer_id}/VERSION") == b"1.0"
+            assert read(f"{layer_id}/layer.tar") == Path(layer.path).read_bytes()
+        assert read(f"{hex_}.json") == config
+
+        v1 = [json.loads(read(f"{i}/json")) for i in ids]
+        assert "parent" not in v1[0]
+        assert [j["id"] for j in v1] == ids
+        assert [j.get("parent") for j in v1[1:]] == ids[:-1]
+        assert v1[0]["container_config"]["Cmd"] is None
+        assert "config" not in v1[0] and "config" not in v1[1]
+        assert v1[2]["config"] == {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]}
+        assert (v1[2]["architecture"], v1[2]["os"]) == ("amd64", "linux")
+
+        assert json.loads(read("manifest.json")) == [
+            {
+                "Config": f"{hex_}.json",
+                "RepoTags": [REPO_TAG],
+                "Layers": [f"{i}/layer.tar" for i in ids],
+            }
+        ]
+        assert json.loads(read("repositories")) == {"127.0.0.1:5000/team/app": {"v1": ids[-1]}}
+
+
+def test_layer_ids_follow_spec(image: tuple[bytes, str, list[LayerFile]]) -> None:
+    config, digest, layers = image
+    plan = plan_archive(config, digest, layers, REPO_TAG)
+    sha = lambda s: hashlib.sha256(s.encode()).hexdigest()  # noqa: E731
+    hexes = [layer.diff_id.removeprefix("sha256:") for layer in layers]
+    id0 = sha(f"{hexes[0]} ")
+    id1 = sha(f"{hexes[1]} {id0}")
+    id2 = sha(f"{hexes[2]} {id1} {digest}")
+    assert plan.layer_ids == (id0, id1, id2)
+
+
+def test_deterministic(image: tuple[bytes, str, list[LayerFile]]) -> None:
+    config, digest, layers = image
+    first = _render(plan_archive(config, digest, layers, REPO_TAG))
+    second = _render(plan_archive(config, digest, layers, REPO_TAG))
+    assert first == second
+    # A different tag must change the output (guards against a constant result).
+    assert _render(plan_archive(config, digest, layers, "app:v2")) != first
+
+
+async def _collect(plan: ArchivePlan, start: int = 0, end: int | None = None, chunk: int = 1 << 20) -> list[bytes]:
+    return [c async for c in iter_archive(plan, start, end, chunk_size=chunk)]
+
+
+@pytest.mark.anyio
+async def test_iter_matches_write_and_chunk_sizes(image: tuple[bytes, str, list[LayerFile]]) -> None:
+    config, digest, layers = image
+    plan = plan_archive(config, digest, layers, REPO_TAG)
+    full = _render(plan)
+    for chunk in (1 << 20, 65536, 1000, 512):
+        chunks = await _collect(plan, chunk=chunk)
+        assert b"".join(chunks) == full
+        assert all(len(c) == chunk for c in chunks[:-1])
+        assert 0 < len(chunks[-1]) <= chunk
+    # Odd tiny chunks across a header -> file data -> padding/header stretch.
+    seg = next(s for s in plan.segments if s.path is not None)
+    start, end = seg.offset - 600, seg.offset + seg.length + 600
+    chunks = await _collect(plan, start, end, chunk=7)
+    assert b"".join(chunks) == full[start:end]
+    assert all(len(c) == 7 for c in chunks[:-1])
+
+
+@pytest.mark.anyio
+async def test_ranges(image: tuple[bytes, str, list[LayerFile]]) -> None:
+    config, digest, layers = image
+    plan = plan_archive(config, digest, layers, REPO_TAG)
+    full = _render(plan)
+    size = plan.size
+    boundaries = [s.offset for s in plan.segments]
+    file_seg = next(s for s in plan.segments if s.path is not None)
+    ks = {0, size, 1, 100, 511, 512, 513, size - 1, size - 1024, size - 700}
+    ks |= set(boundaries) | {b - 1 for b in boundaries if b} | {b + 1 for b in boundaries}
+    ks.add(file_seg.offset + file_seg.length // 2)  # inside layer data
+    ks = {k for k in ks if 0 <= k <= size}
+    for k in sorted(ks):
+        head = b"".join(await _collect(plan, 0, k, chunk=4096))
+        tail = b"".join(await _collect(plan, k, chunk=4096))
+        assert head == full[:k]
+        assert tail == full[k:]
+    # end < size, ranges that start and stop mid-file / mid-header
+    for start, end in [(5, 9), (file_seg.offset - 3, file_seg.offset + 70_000), (size - 10, size - 1), (7, 7)]:
+        chunks = await _collect(plan, start, end, chunk=65536)
+        assert b"".join(chunks) == full[start:end]
+        assert all(len(c) == 65536 for c in chunks[:-1])
+    with pytest.raises(ValueError):
+        await _collect(plan, 10, 5)
+    with pytest.raises(ValueError):
+        await _collect(plan, 0, size + 1)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("damage", ["truncate", "remove", "grow"])
+async def test_source_error_async(image: tuple[bytes, str, list[LayerFile]], damage: str) -> None:
+    config, digest, layers = image
+    plan = plan_archive(config, digest, layers, REPO_TAG)
+    path = Path(layers[1].path)
+    if damage == "truncate":
+        os.truncate(path, layers[1].size - 512)
+    elif damage == "remove":
+        path.unlink()
+    else:
+        with path.open("ab") as f:
+            f.write(b"x")
+    with pytest.raises(ArchiveSourceError):
+        await _collect(plan)
+    with pytest.raises(ArchiveSourceError):
+        _render(plan)
+    # A range that does not touch the damaged file still works.
+    first_file = next(s for s in plan.segments if s.path is not None)
+    assert first_file.path == layers[0].path
+    assert len(b"".join(await _collect(plan, 0, first_file.offset + first_file.length))) > 0
+
+
+@pytest.mark.anyio
+async def test_source_error_midstream(image: tuple[bytes, str, list[LayerFile]]) -> None:
+    # Truncation after the file was opened and checked: the short read is caught.
+    config, digest, layers = image
+    plan = plan_archive(config, digest, layers, REPO_TAG)
+    seg = next(s for s in plan.segments if s.path == layers[1].path)
+    gen = iter_archive(plan, seg.offset, chunk_size=4096)
+    got = [await gen.__anext__()]  # file is open now
+    os.truncate(seg.path, 8192)
+    with pytest.raises(ArchiveSourceError):
+        async for chunk in gen:
+            got.append(chunk)
+
+
+def test_validation(image: tuple[bytes, str, list[LayerFile]]) -> None:
+    config, digest, layers = image
+    with pytest.raises(ValueError, match="digest"):
+        plan_archive(config, "sha256:" + "0" * 64, layers, REPO_TAG)
+    with pytest.raises(ValueError, match="digest"):
+        plan_archive(config, "md5:abc", layers, REPO_TAG)
+    with pytest.raises(ValueError, match="layers"):
+        plan_archive(config, digest, layers[:2], REPO_TAG)
+    swapped = [layers[1], layers[0], layers[2]]
+    with pytest.raises(ValueError, match="diff_id"):
+        plan_archive(config, digest, swapped, REPO_TAG)
+    for bad_tag in ("app", "127.0.0.1:5000/team/app", "app:", ":v1"):
+        with pytest.raises(ValueError, match="repo_tag"):
+            plan_archive(config, digest, layers, bad_tag)
+
+
+def test_member_too_large(image: tuple[bytes, str, list[LayerFile]]) -> None:
+    config, digest, layers = image
+    huge = LayerFile(layers[1].diff_id, 8 << 30, "/nonexistent/huge.tar")
+    with pytest.raises(ValueError, match="ustar"):
+        plan_archive(config, digest, [layers[0], huge, layers[2]], REPO_TAG)
+    # Exactly the limit is allowed (planning never touches the file).
+    edge = LayerFile(layers[1].diff_id, MAX_MEMBER_SIZE, "/nonexistent/edge.tar")
+    plan = plan_archive(config, digest, [layers[0], edge, layers[2]], REPO_TAG)
+    assert plan.size > MAX_MEMBER_SIZE
