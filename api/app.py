@@ -12,7 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from api.download import download
+from api.download import download, job_status, prewarm
+from api.resolution import ErrorCache
 from api.preparation import EmbeddedPreparer, QueuePreparer
 from shared.registry import new_http_client, target_from_settings
 from shared.settings import Settings
@@ -36,6 +37,13 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
+DOWNLOAD_PATHS = (
+    "/docker/{filename}",
+    "/registry/{scheme}/{host}/docker/{filename}",
+    "/registry-auth/{scheme}/{host}/docker/{filename}",
+)
+
+
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -48,6 +56,7 @@ def create_app(settings: Settings) -> Starlette:
             app.state.store = store
             app.state.http = http
             app.state.default_target = target_from_settings(settings)
+            app.state.error_cache = ErrorCache(settings.error_cache_seconds)
             if settings.two_tier:
                 if not settings.credentials_key:
                     log.warning("CREDENTIALS_KEY is not set: requests with client credentials will get 503 in "
@@ -62,8 +71,8 @@ def create_app(settings: Settings) -> Starlette:
 
     routes = [
         Route("/health", health, methods=["GET"]),
-        Route("/docker/{filename}", download, methods=["GET"]),
-        Route("/registry/{scheme}/{host}/docker/{filename}", download, methods=["GET"]),
-        Route("/registry-auth/{scheme}/{host}/docker/{filename}", download, methods=["GET"]),
+        Route("/status/{job_id}", job_status, methods=["GET"]),
     ]
+    for path in DOWNLOAD_PATHS:
+        routes += [Route(path, download, methods=["GET", "HEAD"]), Route(path, prewarm, methods=["POST"])]
     return Starlette(routes=routes, lifespan=lifespan)

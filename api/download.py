@@ -1,24 +1,31 @@
-"""The download routes: filename → image → prepared archive, streamed with an exact Content-Length."""
+"""The download routes: filename → image → prepared archive, streamed with an exact Content-Length.
+
+GET and HEAD answer the archive (Range and If-Range for resuming); POST starts the preparation and answers
+202 with a status URL, for warming the cache before a rollout.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from api.client_auth import CHALLENGE, basic_credentials, choose_upstream_auth
-from shared import manifest as mf
-from shared.archive import iter_archive, plan_archive
-from shared.errors import BadRequest, PassthroughError, Unauthorized
+from api.client_auth import CHALLENGE
+from api.ranges import UnsatisfiableRange, requested_range
+from api.resolution import ImageRequest, Resolution, parse_image_request, resolve
+from shared.archive import ArchivePlan, iter_archive, plan_archive
+from shared.errors import Forbidden, PassthroughError, Unauthorized
 from shared.jobs import JobSpec
-from shared.name import FilenameError, parse_filename, repo_tag
-from shared.prepare import image_key
-from shared.registry import RegistryClient, RegistryTarget, target_from_url
-from shared.store import Store
+from shared.name import repo_tag
+from shared.prepare import job_id_for
+from shared.store import ImageRecord
 
 log = logging.getLogger("docker_http_passthrough.api")
+# Bump when the archive bytes for the same image change (it is part of the ETag).
+ARCHIVE_LAYOUT = "docker-save-legacy-1"
 
 
 def error_response(exc: PassthroughError, *, challenge: bool = False) -> JSONResponse:
@@ -26,70 +33,112 @@ def error_response(exc: PassthroughError, *, challenge: bool = False) -> JSONRes
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
 
-async def resolve_platform_digest(client: RegistryClient, store: Store, tag: str, platform: str) -> str:
-    """Tag → digest of the platform's image manifest: one HEAD, plus an index GET only when not stored yet."""
-    head = await client.head_manifest(tag)
-    if head.media_type not in mf.INDEXES:
-        return head.digest
-    index = store.get_blob(head.digest)
-    if index is None:
-        index, _ = await client.get_manifest(head.digest)
-        store.put_blob(head.digest, index)
-    return mf.select_platform(index, platform).digest
+def refusal_response(exc: PassthroughError, wanted: ImageRequest | None, may_challenge: bool) -> JSONResponse:
+    """401 with a Basic challenge whenever the client sent no credentials and could send some: a switch with
+    `ip http client username/password` configured only sends them after a challenge."""
+    sent = wanted is not None and wanted.client_credentials is not None
+    if may_challenge and not sent and isinstance(exc, (Unauthorized, Forbidden)):
+        if isinstance(exc, Forbidden):
+            exc = Unauthorized(f"{exc.message}; send your own registry credentials (HTTP Basic)")
+        return error_response(exc, challenge=True)
+    return error_response(exc)
 
 
-def _target(request: Request) -> RegistryTarget:
-    params = request.path_params
-    if "host" not in params:
-        return request.app.state.default_target
-    try:
-        return target_from_url(params["scheme"], params["host"])
-    except ValueError as exc:
-        raise BadRequest(str(exc), code="bad_registry") from None
+def _may_challenge(request: Request) -> bool:
+    settings = request.app.state.settings
+    return request.url.path.startswith("/registry-auth/") or settings.registry_client_auth != "off"
+
+
+def _spec(wanted: ImageRequest, resolution: Resolution) -> JobSpec:
+    return JobSpec(wanted.target.to_dict(), wanted.image.repository, resolution.digest, wanted.auth.source)
+
+
+async def prepared_record(request: Request, wanted: ImageRequest, resolution: Resolution) -> tuple[ImageRecord, bool]:
+    """(record, was it already prepared)."""
+    state = request.app.state
+    record = state.store.get_image(resolution.key)
+    if record is not None:
+        return record, True
+    record = await state.preparer.ensure(_spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
+    return record, False
 
 
 async def download(request: Request) -> Response:
     state = request.app.state
-    settings = state.settings
     started = time.monotonic()
-    filename = request.path_params["filename"]
-    requires_client_auth = request.url.path.startswith("/registry-auth/") or (
-        settings.registry_client_auth == "required" and request.url.path.startswith("/docker/"))
-    may_challenge = requires_client_auth or settings.registry_client_auth != "off"
+    wanted = None
     try:
-        target = _target(request)
-        try:
-            image = parse_filename(filename, docker_hub=target.is_docker_hub,
-                                   default_namespace=settings.registry_default_namespace)
-        except FilenameError as exc:
-            raise BadRequest(str(exc), code=f"bad_filename:{exc.rule}") from None
-        client_creds = basic_credentials(request.headers.get("authorization"))
-        if settings.registry_client_auth == "off" and not request.url.path.startswith("/registry-auth/"):
-            client_creds = None
-        if requires_client_auth and client_creds is None:
-            raise Unauthorized("this route needs your registry credentials (HTTP Basic)", code="credentials_required")
-        auth = choose_upstream_auth(settings, target, state.default_target, client_creds)
-        client = RegistryClient(state.http, target, image.repository, auth.credentials, auth.token)
-        digest = await resolve_platform_digest(client, state.store, image.tag, settings.platform)
-        record = state.store.get_image(image_key(target.api_url, image.repository, digest))
-        cached = record is not None
-        if record is None:
-            spec = JobSpec(target.to_dict(), image.repository, digest, auth.source)
-            record = await state.preparer.ensure(spec, auth.credentials, auth.token)
-        config = state.store.get_blob(record.config_digest)
-        plan = plan_archive(config, record.config_digest, state.store.layer_files(record),
-                            repo_tag(image, registry_host=target.repo_tag_host))
-    except Unauthorized as exc:
-        log.info("download %s refused: %s", request.url.path, exc.message)
-        return error_response(exc, challenge=may_challenge and exc.code != "registry_forbidden")
+        wanted = parse_image_request(request)
+        resolution = await resolve(request, wanted)
+        record, cached = await prepared_record(request, wanted, resolution)
+        plan = plan_archive(state.store.get_blob(record.config_digest), record.config_digest,
+                            state.store.layer_files(record),
+                            repo_tag(wanted.image, registry_host=wanted.target.repo_tag_host))
     except PassthroughError as exc:
         log.info("download %s failed: %s %s", request.url.path, exc.status, exc.message)
-        return error_response(exc)
-    log.info("download %s: %s@%s, %d bytes, cache %s, ready in %.3fs", request.url.path, image.repository, digest,
-             plan.size, "hit" if cached else "miss", time.monotonic() - started)
+        return refusal_response(exc, wanted, _may_challenge(request))
+    log.info("download %s: %s@%s, %d bytes, cache %s, ready in %.3fs", request.url.path, wanted.image.repository,
+             resolution.digest, plan.size, "hit" if cached else "miss", time.monotonic() - started)
+    response = archive_response(request, plan, resolution.digest, wanted.filename)
+    if resolution.stale_reason:
+        response.headers["X-Served-Stale"] = "registry unreachable"
+        response.headers["Warning"] = '110 - "Response is Stale"'
+    return response
+
+
+async def prewarm(request: Request) -> Response:
+    """POST on a download URL: prepare the image now, answer 202 with where to watch it."""
+    wanted = None
+    try:
+        wanted = parse_image_request(request)
+        resolution = await resolve(request, wanted)
+        state = request.app.state
+        if state.store.get_image(resolution.key) is not None:
+            job_id = job_id_for(resolution.key)
+            status, body = 200, {"state": "done"}
+        else:
+            job_id = await state.preparer.start(_spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
+            status, body = 202, (await state.preparer.status(job_id)) or {"state": "queued"}
+    except PassthroughError as exc:
+        return refusal_response(exc, wanted, _may_challenge(request))
+    status_url = f"/status/{job_id}"
+    return JSONResponse({**body, "job_id": job_id, "manifest_digest": resolution.digest, "status_url": status_url},
+                        status_code=status, headers={"Location": status_url})
+
+
+async def job_status(request: Request) -> Response:
+    job_id = request.path_params["job_id"]
+    status = await request.app.state.preparer.status(job_id)
+    if status is None:
+        return JSONResponse({"error": "unknown_job", "status": 404, "message": f"no preparation {job_id} is known"},
+                            status_code=404)
+    return JSONResponse({"job_id": job_id, **status})
+
+
+def archive_etag(manifest_digest: str, repo_tag_name: str) -> str:
+    """Strong: same manifest, same name, same layout version → same bytes."""
+    return '"' + hashlib.sha256(f"{ARCHIVE_LAYOUT}\n{manifest_digest}\n{repo_tag_name}".encode()).hexdigest()[:40] + '"'
+
+
+def archive_response(request: Request, plan: ArchivePlan, digest: str, filename: str) -> Response:
+    etag = archive_etag(digest, plan.repo_tag)
     headers = {
-        "Content-Length": str(plan.size),
         "Content-Disposition": f'attachment; filename="{filename}"',
+        "Content-Type": "application/x-tar",
+        "Accept-Ranges": "bytes",
+        "ETag": etag,
         "X-Manifest-Digest": digest,
     }
-    return StreamingResponse(iter_archive(plan), media_type="application/x-tar", headers=headers)
+    try:
+        wanted = requested_range(request.headers.get("range"), request.headers.get("if-range"), etag, plan.size)
+    except UnsatisfiableRange:
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{plan.size}"})
+    start, end = wanted or (0, plan.size)
+    status = 200
+    if wanted is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{plan.size}"
+    headers["Content-Length"] = str(end - start)
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers)
+    return StreamingResponse(iter_archive(plan, start, end), status_code=status, headers=headers)

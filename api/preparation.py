@@ -23,9 +23,9 @@ from rq.job import Job, JobStatus
 
 from shared.errors import PassthroughError, TimedOut, Unavailable
 from shared.jobs import (JOB_FUNCTION, OUTCOME_PATTERN, JobSpec, credentials_key, heartbeat_key, outcome_key,
-                         seal_credentials)
+                         progress_key, seal_credentials)
 from shared.locks import LocalLocks
-from shared.prepare import image_key, job_id_for, prepare_image
+from shared.prepare import Progress, image_key, job_id_for, prepare_image
 from shared.registry import Credentials, RegistryClient
 from shared.settings import Settings
 from shared.store import ImageRecord, Store
@@ -40,8 +40,20 @@ START_GRACE = 10.0
 
 
 class Preparer(Protocol):
-    async def ensure(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord: ...
+    async def start(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> str:
+        """Make sure a preparation runs (or ran); returns its job id without waiting."""
+
+    async def ensure(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord:
+        """Start if needed and wait for the prepared image."""
+
+    async def status(self, job_id: str) -> dict | None:
+        """{"state": queued|running|done|failed, progress…, "error": …}; None for an unknown job id."""
+
     async def close(self) -> None: ...
+
+
+def _key_of_job(job_id: str) -> str | None:
+    return job_id.removeprefix("prepare-") if job_id.startswith("prepare-") else None
 
 
 def _key(spec: JobSpec) -> str:
@@ -54,28 +66,62 @@ class EmbeddedPreparer:
         self.store = store
         self.http = http
         self.locks = LocalLocks()
-        self.running: dict[str, asyncio.Task] = {}
+        self.running: dict[str, tuple[asyncio.Task, Progress]] = {}
+        self.failures: dict[str, tuple[float, dict]] = {}  # recent failures, for the status route
 
-    async def _run(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord:
+    async def _run(self, spec: JobSpec, credentials: Credentials | None, token: str | None,
+                   progress: Progress) -> ImageRecord:
         client = RegistryClient(self.http, spec.registry, spec.repository, credentials, token)
-        return await prepare_image(client, self.store, spec.manifest_digest, self.locks, self.settings.layer_concurrency)
+        return await prepare_image(client, self.store, spec.manifest_digest, self.locks,
+                                   self.settings.layer_concurrency, progress)
+
+    def _finished(self, job_id: str, task: asyncio.Task) -> None:
+        # Forget the task when it ends, success or failure, so a later request retries a failure.
+        self.running.pop(job_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            error = exc.to_dict() if isinstance(exc, PassthroughError) else {
+                "error": "preparation_failed", "status": 502, "message": f"{type(exc).__name__}: {exc}"}
+            self.failures[job_id] = (time.time(), error)
+
+    async def start(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> str:
+        job_id = job_id_for(_key(spec))
+        if job_id not in self.running and self.store.get_image(_key(spec)) is None:
+            progress = Progress()
+            task = asyncio.create_task(self._run(spec, credentials, token, progress))
+            self.running[job_id] = (task, progress)
+            self.failures.pop(job_id, None)
+            task.add_done_callback(lambda t: self._finished(job_id, t))
+        return job_id
 
     async def ensure(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord:
-        job_id = job_id_for(_key(spec))
-        task = self.running.get(job_id)
-        if task is None:
-            task = asyncio.create_task(self._run(spec, credentials, token))
-            self.running[job_id] = task
-            # Forget the task when it ends, success or failure, so a later request retries a failure.
-            task.add_done_callback(lambda _t: self.running.pop(job_id, None))
+        job_id = await self.start(spec, credentials, token)
+        entry = self.running.get(job_id)
+        if entry is None:  # prepared meanwhile
+            record = self.store.get_image(_key(spec))
+            if record is not None:
+                return record
+            raise PassthroughError.from_dict(self.failures.get(job_id, (0, {}))[1])
         try:
             # shield: a client that hangs up does not cancel the preparation others wait for.
-            return await asyncio.wait_for(asyncio.shield(task), self.settings.prepare_timeout)
+            return await asyncio.wait_for(asyncio.shield(entry[0]), self.settings.prepare_timeout)
         except TimeoutError:
             raise TimedOut(f"preparing the image took longer than PREPARE_TIMEOUT={self.settings.prepare_timeout:g}s") from None
 
+    async def status(self, job_id: str) -> dict | None:
+        key = _key_of_job(job_id)
+        if key is None:
+            return None
+        if job_id in self.running:
+            return {"state": "running", **self.running[job_id][1].as_dict()}
+        if self.store.get_image(key) is not None:
+            return {"state": "done"}
+        if job_id in self.failures:
+            return {"state": "failed", "error": self.failures[job_id][1]}
+        return None
+
     async def close(self) -> None:
-        for task in list(self.running.values()):
+        for task, _ in list(self.running.values()):
             task.cancel()
 
 
@@ -211,9 +257,8 @@ class QueuePreparer:
                 raise TimedOut(f"preparing the image took longer than PREPARE_TIMEOUT={self.settings.prepare_timeout:g}s")
             await self.watcher.wait(job_id, min(CHECK_EVERY, max(deadline - now, 0.01)))
 
-    async def ensure(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord:
-        key = _key(spec)
-        job_id = job_id_for(key)
+    async def start(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> str:
+        job_id = job_id_for(_key(spec))
         sealed = None
         if spec.credential_source == "client":
             if not self.settings.credentials_key:
@@ -224,13 +269,40 @@ class QueuePreparer:
             await anyio.to_thread.run_sync(self._enqueue_unless_running, spec, job_id, sealed)
         except redis_sync.RedisError as exc:
             raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
+        return job_id
+
+    async def ensure(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord:
+        key = _key(spec)
+        job_id = await self.start(spec, credentials, token)
         if self.store.get_image(key) is None:
-            await self._wait(job_id)
+            try:
+                await self._wait(job_id)
+            except aioredis.RedisError as exc:
+                raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
         record = self.store.get_image(key)
         if record is None:
             raise Unavailable("the preparation finished but the image is not in CACHE_DIR: do the API and the "
                               "workers share the same volume?", code="store_mismatch")
         return record
+
+    async def status(self, job_id: str) -> dict | None:
+        key = _key_of_job(job_id)
+        if key is None:
+            return None
+        if self.store.get_image(key) is not None:
+            return {"state": "done"}
+        outcome = await self.redis.get(outcome_key(job_id))
+        if outcome is not None and not json.loads(outcome).get("ok"):
+            return {"state": "failed", "error": {k: v for k, v in json.loads(outcome).items() if k != "ok"}}
+        status = await self.redis.hget(f"rq:job:{job_id}", "status")
+        if status is None:
+            return None
+        progress = {k.decode(): int(v) for k, v in (await self.redis.hgetall(progress_key(job_id))).items()}
+        state = {"queued": "queued", "started": "running"}.get(status.decode(), status.decode())
+        if state in ("failed", "stopped", "canceled"):
+            return {"state": "failed", "error": {"error": "preparation_failed", "status": 502,
+                                                 "message": f"the preparation job ended ({state}) without a result"}}
+        return {"state": state, **progress}
 
     async def close(self) -> None:
         await self.watcher.close()

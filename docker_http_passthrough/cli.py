@@ -10,6 +10,14 @@ import sys
 from shared.settings import SettingsError, load_settings
 
 
+def log_level(env: dict | os._Environ) -> int:
+    """LOG_LEVEL, or RUST_LOG as deployments of the Rust tool set it ("info", "warn,hyper=info", "app=debug")."""
+    raw = env.get("LOG_LEVEL") or env.get("RUST_LOG") or "info"
+    first = raw.split(",")[0].rpartition("=")[2].strip().upper()
+    first = {"WARN": "WARNING", "TRACE": "DEBUG"}.get(first, first)
+    return getattr(logging, first, logging.INFO) if first in logging.getLevelNamesMapping() else logging.INFO
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="docker-http-passthrough",
                                      description="Serve registry images as docker-save tar files over plain HTTP.")
@@ -22,9 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--name", default=None, help="worker name (default: RQ picks one)")
     args = parser.parse_args(argv)
 
-    level = (os.environ.get("LOG_LEVEL") or os.environ.get("RUST_LOG") or "info").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level(os.environ), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO; ours say what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         settings = load_settings()
     except SettingsError as exc:

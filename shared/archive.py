@@ -317,7 +317,7 @@ def _pread_exact(fd: int, n: int, offset: int, path: str | None) -> bytes:
     got = len(data)
     while got < n:
         more = os.pread(fd, n - got, offset + got)
-        if more is None:
+        if not more:
             raise ArchiveSourceError(
                 f"layer file {path} ended early: wanted {n} bytes at {offset}, got {got}"
             )

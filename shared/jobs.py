@@ -46,6 +46,11 @@ def heartbeat_key(job_id: str) -> str:
     return f"dhp:heartbeat:{job_id}"
 
 
+def progress_key(job_id: str) -> str:
+    """Hash of shared.prepare.Progress fields, refreshed by the worker while the job runs."""
+    return f"dhp:progress:{job_id}"
+
+
 def credentials_key(job_id: str) -> str:
     return f"dhp:credentials:{job_id}"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from typing import Callable
+from dataclasses import asdict, dataclass
 
 from shared import manifest as mf
 from shared.errors import InvalidContent
@@ -26,7 +26,17 @@ FEED_SIZE = 1 << 20
 # Inflate at most this much per call, so a small, highly compressed input cannot balloon memory.
 INFLATE_STEP = 4 << 20
 
-Progress = Callable[[str, int], None]
+@dataclass
+class Progress:
+    """How far a preparation is; read by the status route (embedded) or copied to Redis by the worker."""
+
+    layers_total: int = 0
+    layers_done: int = 0
+    bytes_total: int = 0  # compressed bytes to download, from the manifest
+    bytes_done: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
 
 
 def image_key(registry_api_url: str, repository: str, manifest_digest: str) -> str:
@@ -104,12 +114,12 @@ async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor
                 if pending_size >= FEED_SIZE:
                     await asyncio.to_thread(sink.feed, b"".join(pending))
                     if progress:
-                        progress(layer.digest, pending_size)
+                        progress.bytes_done += pending_size
                     pending, pending_size = [], 0
             if pending:
                 await asyncio.to_thread(sink.feed, b"".join(pending))
                 if progress:
-                    progress(layer.digest, pending_size)
+                    progress.bytes_done += pending_size
         await asyncio.to_thread(sink.finish)
         if "sha256:" + sink.blob_hash.hexdigest() != layer.digest:
             raise InvalidContent(f"layer {layer.digest} does not match its digest (received {sink.blob_size} bytes); "
@@ -117,15 +127,42 @@ async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor
         if "sha256:" + sink.tar_hash.hexdigest() != diff_id:
             raise InvalidContent(f"layer {layer.digest} unpacks to sha256:{sink.tar_hash.hexdigest()}, but the image "
                                  f"config says {diff_id} (invalid diff_id); nothing was stored")
+    store.link_layer(layer.digest, diff_id)
+    store.mark_seen(client.target.api_url, client.repository, layer.digest)
     return sink.tar_size
 
 
-async def _blob(client: RegistryClient, store: Store, digest: str, manifest: bool) -> bytes:
-    data = store.get_blob(digest)
+async def manifest_bytes(client: RegistryClient, store: Store, digest: str) -> bytes:
+    """A manifest or index by digest: from the store if this registry and repository served it before."""
+    registry, repository = client.target.api_url, client.repository
+    data = store.get_blob(digest) if store.seen(registry, repository, digest) else None
     if data is None:
-        data = (await client.get_manifest(digest))[0] if manifest else await client.get_blob(digest)
+        data, _ = await client.get_manifest(digest)
         store.put_blob(digest, data)
+        store.mark_seen(registry, repository, digest)
     return data
+
+
+async def _config_bytes(client: RegistryClient, store: Store, digest: str) -> bytes:
+    registry, repository = client.target.api_url, client.repository
+    data = store.get_blob(digest) if store.seen(registry, repository, digest) else None
+    if data is None:
+        data = await client.get_blob(digest)
+        store.put_blob(digest, data)
+        store.mark_seen(registry, repository, digest)
+    return data
+
+
+async def _reusable(client: RegistryClient, store: Store, layer: mf.Descriptor, diff_id: str) -> bool:
+    """A stored layer serves this descriptor only if this very blob was verified to unpack to it, and this
+    registry confirms it holds the blob for this repository."""
+    if store.linked_diff_id(layer.digest) != diff_id or not store.layer_path(diff_id).exists():
+        return False
+    registry, repository = client.target.api_url, client.repository
+    if not store.seen(registry, repository, layer.digest):
+        await client.head_blob(layer.digest)
+        store.mark_seen(registry, repository, layer.digest)
+    return True
 
 
 def diff_ids_of(config: bytes) -> list[str]:
@@ -143,22 +180,30 @@ async def prepare_image(client: RegistryClient, store: Store, manifest_digest: s
     record = store.get_image(key)
     if record is not None:
         return record
-    manifest = mf.parse_image_manifest(await _blob(client, store, manifest_digest, manifest=True))
-    config = await _blob(client, store, manifest.config.digest, manifest=False)
+    manifest = mf.parse_image_manifest(await manifest_bytes(client, store, manifest_digest))
+    config = await _config_bytes(client, store, manifest.config.digest)
     diff_ids = diff_ids_of(config)
     if len(diff_ids) != len(manifest.layers):
         raise InvalidContent(f"the manifest lists {len(manifest.layers)} layers but the config has "
                              f"{len(diff_ids)} diff_ids")
     slots = asyncio.Semaphore(concurrency)
+    progress = progress or Progress()
+    progress.layers_total = len(manifest.layers)
+    progress.bytes_total = sum(layer.size for layer in manifest.layers)
 
     async def one(layer: mf.Descriptor, diff_id: str) -> int:
         async with slots:
-            path = store.layer_path(diff_id)
-            if not path.exists():
-                async with locks.hold(f"layer-{diff_id}"):
-                    if not path.exists():
-                        return await fetch_layer(client, store, layer, diff_id, progress)
-            return path.stat().st_size
+            fetched = False
+            if not await _reusable(client, store, layer, diff_id):
+                # Lock by blob: two jobs needing the same blob at once download it once.
+                async with locks.hold(f"blob-{layer.digest}"):
+                    if not await _reusable(client, store, layer, diff_id):
+                        await fetch_layer(client, store, layer, diff_id, progress)
+                        fetched = True
+            if not fetched:
+                progress.bytes_done += layer.size  # already stored counts as done
+            progress.layers_done += 1
+            return store.layer_path(diff_id).stat().st_size
 
     tasks = [asyncio.create_task(one(layer, diff_id)) for layer, diff_id in zip(manifest.layers, diff_ids)]
     try:

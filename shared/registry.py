@@ -293,6 +293,12 @@ class RegistryClient:
         finally:
             await response.aclose()
 
+    async def head_blob(self, digest: str) -> int:
+        """Confirm the registry holds a blob in this repository (with these credentials); returns its size."""
+        response = await self._send("HEAD", self._url("blobs", digest), {}, stream=False)
+        self._check(response, f"blob {digest} of {self.repository}")
+        return int(response.headers.get("content-length") or -1)
+
     async def get_blob(self, digest: str, limit: int = 64 << 20) -> bytes:
         """A small blob (an image config), verified against its digest."""
         hasher = hashlib.sha256()

@@ -43,6 +43,12 @@ class Settings:
     worker_lost_timeout: float = 60.0
     upstream_timeout: float = 30.0
     layer_concurrency: int = 3
+    # Remember a failed resolution (404, refused credentials) this long; 0 turns it off.
+    error_cache_seconds: float = 10.0
+    # Serve a previously prepared tag when the registry is unreachable (with an X-Served-Stale header).
+    serve_stale: bool = True
+    # Evict least-recently-used layers when the store grows past this; 0 means unbounded.
+    cache_max_bytes: int = 0
 
     @property
     def two_tier(self) -> bool:
@@ -64,6 +70,47 @@ def _positive_number(env: Mapping[str, str], name: str, default: float, kind: ty
         raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
     if value <= 0:
         raise SettingsError(f"{name}={raw!r} must be greater than zero")
+    return value
+
+
+def _non_negative(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if value < 0:
+        raise SettingsError(f"{name}={raw!r} must not be negative")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={env.get(name)!r} must be true or false")
+
+
+def _byte_size(env: Mapping[str, str], name: str) -> int:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return 0
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = raw.rstrip("iBb").upper()[:-1], raw.rstrip("iBb").upper()[-1:]
+    if unit.isdigit():
+        number, unit = number + unit, ""
+    try:
+        value = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise SettingsError(f"{name}={raw!r} is not a size (bytes, or with K/M/G/T, e.g. 50G)") from None
+    if value < 0:
+        raise SettingsError(f"{name}={raw!r} must not be negative")
     return value
 
 
@@ -132,4 +179,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         worker_lost_timeout=_positive_number(env, "WORKER_LOST_TIMEOUT", 60.0, float),
         upstream_timeout=_positive_number(env, "UPSTREAM_TIMEOUT", 30.0, float),
         layer_concurrency=int(_positive_number(env, "LAYER_CONCURRENCY", 3, int)),
+        error_cache_seconds=_non_negative(env, "ERROR_CACHE_SECONDS", 10.0),
+        serve_stale=_flag(env, "SERVE_STALE", True),
+        cache_max_bytes=_byte_size(env, "CACHE_MAX_BYTES"),
     )

@@ -3,6 +3,13 @@
     blobs/sha256/<hex>          manifests, indexes and image configs, byte for byte as the registry sent them
     layers/sha256/<hex>.tar     uncompressed layer tars, named by diff_id, shared by every image that has them
     images/<key>.json           a prepared image: which config and layers make it (written last)
+    links/<blob hex>            the diff_id a verified compressed layer blob unpacks to
+    seen/<hash>                 "registry R serves blob D in repository P", confirmed with a request's credentials
+    tags/<hash>                 the digest a tag last resolved to, for serving stale when the registry is down
+
+Sharing content between registries must not widen access: a stored blob or layer is used for (R, P) only
+after R confirmed it holds that blob for P, and a layer is reused for a blob digest only when that very blob
+was once verified to unpack to it (else anyone running a registry could name a private layer and read it).
 
 Every file is written to a temp file beside its final name, fsynced, then linked into place; a file that
 exists is never overwritten (another host may be reading it), and its content is the same anyway.
@@ -23,6 +30,7 @@ from typing import BinaryIO, Iterator
 from shared.archive import LayerFile
 
 TEMP_MARK = ".partial-"
+_DIRS = ("blobs/sha256", "layers/sha256", "images", "links", "seen", "tags")
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,7 @@ def _fsync_dir(path: Path) -> None:
 class Store:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        for sub in ("blobs/sha256", "layers/sha256", "images"):
+        for sub in _DIRS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     # --- paths
@@ -106,6 +114,52 @@ class Store:
         if not path.exists():
             with self.atomic_writer(path) as handle:
                 handle.write(data)
+
+    def _small_file(self, path: Path, text: str) -> None:
+        if not path.exists():
+            with self.atomic_writer(path) as handle:
+                handle.write(text.encode())
+
+    def link_layer(self, blob_digest: str, diff_id: str) -> None:
+        """Record that `blob_digest` was downloaded and verified to unpack to `diff_id`."""
+        _hex(diff_id)
+        self._small_file(self.root / "links" / _hex(blob_digest), diff_id)
+
+    def linked_diff_id(self, blob_digest: str) -> str | None:
+        try:
+            return (self.root / "links" / _hex(blob_digest)).read_text()
+        except FileNotFoundError:
+            return None
+
+    def _seen_path(self, registry: str, repository: str, digest: str) -> Path:
+        return self.root / "seen" / hashlib.sha256(f"{registry}\n{repository}\n{digest}".encode()).hexdigest()
+
+    def mark_seen(self, registry: str, repository: str, digest: str) -> None:
+        self._small_file(self._seen_path(registry, repository, digest), digest)
+
+    def seen(self, registry: str, repository: str, digest: str) -> bool:
+        return self._seen_path(registry, repository, digest).exists()
+
+    def _tag_path(self, registry: str, repository: str, tag: str, platform: str) -> Path:
+        return self.root / "tags" / hashlib.sha256(f"{registry}\n{repository}\n{tag}\n{platform}".encode()).hexdigest()
+
+    def remember_tag(self, registry: str, repository: str, tag: str, platform: str, digest: str) -> None:
+        path = self._tag_path(registry, repository, tag, platform)
+        try:
+            if path.read_text() == digest:
+                return
+        except FileNotFoundError:
+            pass
+        # Tags move: this file alone is replaced (it is tiny and read whole, so no reader sees half of it).
+        temp = path.with_name(f"{path.name}{TEMP_MARK}{secrets.token_hex(6)}")
+        temp.write_text(digest)
+        os.replace(temp, path)
+
+    def tag_digest(self, registry: str, repository: str, tag: str, platform: str) -> str | None:
+        try:
+            return self._tag_path(registry, repository, tag, platform).read_text()
+        except FileNotFoundError:
+            return None
 
     def put_image(self, key: str, record: ImageRecord) -> None:
         with self.atomic_writer(self.image_path(key)) as handle:
@@ -148,7 +202,7 @@ class Store:
         """
         removed = 0
         cutoff = time.time() - min_age
-        for sub in ("blobs/sha256", "layers/sha256", "images"):
+        for sub in _DIRS:
             for path in (self.root / sub).iterdir():
                 try:
                     if TEMP_MARK in path.name and path.stat().st_mtime < cutoff:

@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.support.registry_fixtures",
     "tests.support.service_fixtures",
+    "tests.support.token_fixtures",
 ]

@@ -11,16 +11,17 @@ import redis.asyncio as aioredis
 from rq import get_current_job
 
 from shared.errors import PassthroughError
-from shared.jobs import CREDENTIAL_SOURCES, JobSpec, credentials_key, heartbeat_key, outcome_key, unseal_credentials
+from shared.jobs import (CREDENTIAL_SOURCES, JobSpec, credentials_key, heartbeat_key, outcome_key, progress_key,
+                         unseal_credentials)
 from shared.locks import RedisLocks
-from shared.prepare import prepare_image
+from shared.prepare import Progress, prepare_image
 from shared.registry import Credentials, RegistryClient, new_http_client
 from shared.settings import Settings, load_settings
 from shared.store import Store
 
 log = logging.getLogger("docker_http_passthrough.worker")
 
-HEARTBEAT_EVERY = 5.0
+HEARTBEAT_EVERY = 2.0
 OUTCOME_TTL = 3600
 
 
@@ -39,21 +40,28 @@ def _credentials(settings: Settings, spec: JobSpec, sealed: bytes | None) -> tup
     return None, None
 
 
-async def _prepare(settings: Settings, spec: JobSpec, credentials: Credentials | None, token: str | None) -> None:
+async def _prepare(settings: Settings, spec: JobSpec, credentials: Credentials | None, token: str | None,
+                   progress: Progress) -> None:
     store = Store(settings.cache_dir)
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
         async with new_http_client(settings) as http:
             client = RegistryClient(http, spec.registry, spec.repository, credentials, token)
-            await prepare_image(client, store, spec.manifest_digest, RedisLocks(redis), settings.layer_concurrency)
+            await prepare_image(client, store, spec.manifest_digest, RedisLocks(redis), settings.layer_concurrency,
+                                progress)
     finally:
         await redis.aclose()
 
 
-def _beat(connection, key: str, stop: threading.Event, ttl: int) -> None:
+def _beat(connection, job_id: str, progress: Progress, stop: threading.Event, ttl: int) -> None:
+    """Tell waiting API processes the job is alive, and how far it is."""
     while not stop.is_set():
         try:
-            connection.set(key, "1", ex=ttl)
+            pipe = connection.pipeline()
+            pipe.set(heartbeat_key(job_id), "1", ex=ttl)
+            pipe.hset(progress_key(job_id), mapping=progress.as_dict())
+            pipe.expire(progress_key(job_id), ttl)
+            pipe.execute()
         except Exception:  # a Redis hiccup must not kill the job; the API tolerates a missed beat
             log.warning("heartbeat to Redis failed", exc_info=True)
         stop.wait(HEARTBEAT_EVERY)
@@ -68,13 +76,14 @@ def prepare(target: dict, repository: str, manifest_digest: str, credential_sour
     spec = JobSpec(target, repository, manifest_digest, credential_source)
     stop = threading.Event()
     beat_ttl = max(int(settings.worker_lost_timeout / 2), 10)
-    beat = threading.Thread(target=_beat, args=(connection, heartbeat_key(job.id), stop, beat_ttl), daemon=True)
+    progress = Progress()
+    beat = threading.Thread(target=_beat, args=(connection, job.id, progress, stop, beat_ttl), daemon=True)
     beat.start()
     outcome: dict = {"ok": True}
     try:
         sealed = connection.get(credentials_key(job.id))
         credentials, token = _credentials(settings, spec, sealed)
-        asyncio.run(_prepare(settings, spec, credentials, token))
+        asyncio.run(_prepare(settings, spec, credentials, token, progress))
         return outcome
     except PassthroughError as exc:
         outcome = {"ok": False, **exc.to_dict()}
@@ -87,7 +96,7 @@ def prepare(target: dict, repository: str, manifest_digest: str, credential_sour
         stop.set()
         beat.join(timeout=2)
         pipe = connection.pipeline()
-        pipe.delete(credentials_key(job.id), heartbeat_key(job.id))
+        pipe.delete(credentials_key(job.id), heartbeat_key(job.id), progress_key(job.id))
         pipe.set(outcome_key(job.id), json.dumps(outcome), ex=OUTCOME_TTL)
         pipe.publish(outcome_key(job.id), json.dumps(outcome))
         pipe.execute()

@@ -31,15 +31,15 @@ import base64
 import datetime as dt
 import json
 import secrets
+import sys
 import tempfile
 import threading
 import time
 import traceback
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple, Self
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -49,12 +49,13 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
 # (username or None for anonymous, repository, requested actions) -> granted actions
-AccessFunction = Callable[[Union[str, None], str, Sequence[str]], Iterable[str]]
-AccessPolicy = Union[AccessFunction, Mapping[str, Mapping[str, Sequence[str]]], None]
+AccessFunction = Callable[[str | None, str, Sequence[str]], Iterable[str]]
+AccessPolicy = AccessFunction | Mapping[str, Mapping[str, Sequence[str]]] | None
 
 DEFAULT_EXPIRES_IN = 300
 # distribution 2.8 tolerates this much clock skew on exp/nbf (token.Leeway).
 REGISTRY_LEEWAY_SECONDS = 60
+_ANY: Any = object()
 
 
 def _b64url(data: bytes) -> str:
@@ -73,7 +74,7 @@ def decode_jwt(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 class TokenRequest(NamedTuple):
     path: str  # without the query string
-    username: str | None  # None: anonymous (or a failed login, see status)
+    username: str | None  # None: anonymous; on a failed login the name tried (status 401)
     scope: str | None  # the scope parameters joined with " ", None if absent
     status: int
 
@@ -84,7 +85,7 @@ class SigningKey:
     def __init__(self, common_name: str = "docker-http-passthrough test token issuer") -> None:
         self.private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         self.certificate = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -145,7 +146,7 @@ class TokenServer:
     """Threaded Docker token endpoint on a free loopback port.
 
     Attributes you may change at any time (read per request):
-    ``expires_in`` (seconds, default 300), ``issued_offset`` (seconds added to
+    ``expires_in`` (seconds, default 300; ``reset()`` restores the constructor's), ``issued_offset`` (seconds added to
     iat/nbf/exp, e.g. -120 to hand out already-expired tokens), ``users``,
     ``access``.
     """
@@ -164,7 +165,7 @@ class TokenServer:
         self.access: AccessPolicy = access
         self.service = service
         self.issuer = issuer
-        self.expires_in = expires_in
+        self.expires_in = self._default_expires_in = expires_in
         self.issued_offset = 0.0
         self.key = SigningKey()
 
@@ -213,7 +214,7 @@ class TokenServer:
             self._tempdir.cleanup()
             self._tempdir = None
 
-    def __enter__(self) -> TokenServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -254,7 +255,7 @@ class TokenServer:
 
     def count(
         self,
-        username: str | None | type[Ellipsis] = ...,
+        username: Any = _ANY,
         scope_contains: str | None = None,
         status: int | None = None,
     ) -> int:
@@ -265,7 +266,7 @@ class TokenServer:
         return sum(
             1
             for record in self.requests
-            if (username is ... or record.username == username)
+            if (username is _ANY or record.username == username)
             and (scope_contains is None or scope_contains in (record.scope or ""))
             and (status is None or record.status == status)
         )
@@ -274,7 +275,7 @@ class TokenServer:
         """Forget recorded requests and restore ``expires_in``/``issued_offset``."""
         with self._lock:
             self._requests.clear()
-            self.expires_in = DEFAULT_EXPIRES_IN
+            self.expires_in = self._default_expires_in
             self.issued_offset = 0.0
 
     def _record(self, record: TokenRequest) -> None:
@@ -408,7 +409,7 @@ class TokenServer:
             "token": token,
             "access_token": token,
             "expires_in": expires,
-            "issued_at": dt.datetime.fromtimestamp(issued_at, dt.timezone.utc)
+            "issued_at": dt.datetime.fromtimestamp(issued_at, dt.UTC)
             .isoformat()
             .replace("+00:00", "Z"),
         }
@@ -446,7 +447,7 @@ class _TokenHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     server: _TokenHTTPServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def do_GET(self) -> None:
@@ -460,14 +461,24 @@ class _TokenHandler(BaseHTTPRequestHandler):
             status, body, username, scope = tokens.handle_token_request(
                 target.query, self.headers.get("Authorization")
             )
-        except Exception as exc:  # a policy callable blew up: show it, answer 500
+        except Exception as exc:  # noqa: BLE001 - a policy callable blew up: answer 500
             traceback.print_exc()
             status, body, username, scope = 500, _error("INTERNAL", repr(exc)), None, None
-        tokens._record(TokenRequest(target.path, username if status == 200 else None, scope, status))
+        tokens._record(TokenRequest(target.path, username, scope, status))
         extra = {}
         if status == 401:
             extra["WWW-Authenticate"] = f'Basic realm="{tokens.service} token server"'
         self._reply(status, body, extra)
+
+    def do_POST(self) -> None:
+        # The OAuth2 password grant is not implemented; 405 is what makes
+        # containerd-style clients fall back to GET.
+        self.close_connection = True  # the request body is left unread
+        target = urlsplit(self.path)
+        self.server.tokens._record(TokenRequest(target.path, None, None, 405))
+        self._reply(
+            405, _error("UNSUPPORTED", "use GET /token"), {"Allow": "GET"}
+        )
 
     def _reply(self, status: int, body: dict[str, Any], headers: Mapping[str, str] = {}) -> None:
         data = json.dumps(body).encode()
@@ -516,14 +527,28 @@ def parse_bearer_challenge(header: str) -> dict[str, str] | None:
     return params
 
 
+def _with_push(scope: str) -> str:
+    """Widen a ``repository:…:pull`` challenge to ``pull,push`` (we are pushing)."""
+    parsed = parse_scope(scope)
+    if parsed is None or parsed[0] != "repository":
+        return scope
+    actions = list(parsed[2])
+    for action in ("pull", "push"):
+        if action not in actions:
+            actions.append(action)
+    return f"repository:{parsed[1]}:{','.join(actions)}"
+
+
 class BearerPushAuth(httpx.Auth):
     """httpx auth answering a registry's ``401 Bearer`` challenge via ``server``.
 
-    On a 401 with ``WWW-Authenticate: Bearer …`` it fetches a token from the
+    On a 401 with ``WWW-Authenticate: Bearer …`` it GETs a token from the
     challenge's realm (Basic ``username``/password from ``server.users``, or
-    anonymous if ``username`` is None) for the challenged scope and retries
-    once. Tokens are cached per scope. Not recorded specially: its token
-    requests show up in ``server.requests`` like anyone's (``reset()`` them).
+    anonymous if ``username`` is None) for the challenged scope widened to
+    ``pull,push``, and retries once. Tokens are cached per repository and
+    re-fetched when the registry rejects them (e.g. expired). Its token requests
+    show up in ``server.requests`` like anyone's, so push *before* resetting,
+    and before setting ``issued_offset`` to hand out expired tokens.
     """
 
     def __init__(self, server: TokenServer, username: str | None) -> None:
@@ -533,11 +558,12 @@ class BearerPushAuth(httpx.Auth):
         self._lock = threading.Lock()
 
     def _fetch(self, challenge: Mapping[str, str]) -> str:
-        params: dict[str, str] = {}
+        params: list[tuple[str, str]] = []
         if "service" in challenge:
-            params["service"] = challenge["service"]
-        if challenge.get("scope"):
-            params["scope"] = challenge["scope"]
+            params.append(("service", challenge["service"]))
+        for scope in challenge.get("scope", "").split(" "):
+            if scope:  # one scope parameter each, like docker does
+                params.append(("scope", _with_push(scope)))
         auth = None
         if self.username is not None:
             auth = (self.username, self.server.users[self.username])
@@ -555,7 +581,7 @@ class BearerPushAuth(httpx.Auth):
         with self._lock:
             # Reuse the most recent token for this path's repository if we have one.
             for key, token in self._tokens.items():
-                if key and f"/v2/{key}/" in request.url.path:
+                if key and request.url.path.startswith(f"/v2/{key}/"):
                     scope_key = key
                     request.headers["Authorization"] = f"Bearer {token}"
                     break

@@ -1,0 +1,145 @@
+"""From a download request to a manifest digest: parse, pick credentials, ask the registry (or remember).
+
+- Every request resolves the tag at the registry with its own credentials (one HEAD), so the shared store
+  never serves an image to someone the registry would refuse.
+- Refusals and missing tags are remembered for ERROR_CACHE_SECONDS, so a fleet asking for a missing tag
+  does not hammer the registry.
+- When the registry is unreachable, a tag prepared before may be served stale (SERVE_STALE), except to
+  requests carrying their own credentials: those we cannot check without the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from api.client_auth import UpstreamAuth, basic_credentials, choose_upstream_auth
+from shared import manifest as mf
+from shared.errors import BadRequest, Forbidden, NotFound, PassthroughError, TimedOut, Unauthorized, Unreachable
+from shared.name import FilenameError, ImageName, parse_filename
+from shared.prepare import image_key, manifest_bytes
+from shared.registry import Credentials, RegistryClient, RegistryTarget, target_from_url
+from shared.store import Store
+
+log = logging.getLogger("docker_http_passthrough.api")
+
+REMEMBERED_ERRORS = (NotFound, Unauthorized, Forbidden)
+STALE_WORTHY = (Unreachable, TimedOut)
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    filename: str
+    target: RegistryTarget
+    image: ImageName
+    client_credentials: Credentials | None
+    auth: UpstreamAuth
+    may_challenge: bool  # a 401 with a Basic challenge could make the client send credentials
+
+
+@dataclass(frozen=True)
+class Resolution:
+    digest: str
+    key: str
+    stale_reason: str | None = None
+
+
+class ErrorCache:
+    """Recent failures per (registry, repository, tag, identity); in memory, identities are hashes."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.entries: dict[tuple[str, str, str, str], tuple[float, PassthroughError]] = {}
+
+    def get(self, key: tuple[str, str, str, str]) -> PassthroughError | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            del self.entries[key]
+            return None
+        return entry[1]
+
+    def put(self, key: tuple[str, str, str, str], error: PassthroughError) -> None:
+        if self.seconds <= 0:
+            return
+        if len(self.entries) > 10_000:  # bound memory under a flood of distinct bad names
+            now = time.monotonic()
+            self.entries = {k: v for k, v in self.entries.items() if v[0] > now}
+        self.entries[key] = (time.monotonic() + self.seconds, error)
+
+
+def _target(request: Request) -> RegistryTarget:
+    params = request.path_params
+    if "host" not in params:
+        return request.app.state.default_target
+    try:
+        return target_from_url(params["scheme"], params["host"])
+    except ValueError as exc:
+        raise BadRequest(str(exc), code="bad_registry") from None
+
+
+def parse_image_request(request: Request) -> ImageRequest:
+    settings = request.app.state.settings
+    auth_route = request.url.path.startswith("/registry-auth/")
+    requires_client_auth = auth_route or (settings.registry_client_auth == "required"
+                                          and request.url.path.startswith("/docker/"))
+    target = _target(request)
+    filename = request.path_params["filename"]
+    try:
+        image = parse_filename(filename, docker_hub=target.is_docker_hub,
+                               default_namespace=settings.registry_default_namespace)
+    except FilenameError as exc:
+        raise BadRequest(str(exc), code=f"bad_filename:{exc.rule}") from None
+    client = None
+    if auth_route or settings.registry_client_auth != "off":
+        client = basic_credentials(request.headers.get("authorization"))
+    if requires_client_auth and client is None:
+        raise Unauthorized("this route needs your registry credentials (HTTP Basic)", code="credentials_required")
+    return ImageRequest(
+        filename=filename,
+        target=target,
+        image=image,
+        client_credentials=client,
+        auth=choose_upstream_auth(settings, target, request.app.state.default_target, client),
+        may_challenge=requires_client_auth or settings.registry_client_auth != "off",
+    )
+
+
+async def resolve_platform_digest(client: RegistryClient, store: Store, tag: str, platform: str) -> str:
+    """Tag → digest of the platform's image manifest: one HEAD, plus an index GET only when not stored yet."""
+    head = await client.head_manifest(tag)
+    if head.media_type not in mf.INDEXES:
+        return head.digest
+    index = await manifest_bytes(client, store, head.digest)
+    return mf.select_platform(index, platform).digest
+
+
+async def resolve(request: Request, wanted: ImageRequest) -> Resolution:
+    state = request.app.state
+    settings = state.settings
+    target, image, auth = wanted.target, wanted.image, wanted.auth
+    identity = auth.credentials.identity if auth.credentials else (auth.token and "token") or "anonymous"
+    error_key = (target.api_url, image.repository, image.tag, identity)
+    remembered = state.error_cache.get(error_key)
+    if remembered is not None:
+        raise remembered
+    client = RegistryClient(state.http, target, image.repository, auth.credentials, auth.token)
+    try:
+        digest = await resolve_platform_digest(client, state.store, image.tag, settings.platform)
+    except REMEMBERED_ERRORS as exc:
+        state.error_cache.put(error_key, exc)
+        raise
+    except STALE_WORTHY as exc:
+        stale = state.store.tag_digest(target.api_url, image.repository, image.tag, settings.platform)
+        key = stale and image_key(target.api_url, image.repository, stale)
+        if settings.serve_stale and auth.source != "client" and key and state.store.get_image(key):
+            log.warning("serving %s/%s:%s stale (%s) because the registry failed: %s", target.name,
+                        image.repository, image.tag, stale, exc.message)
+            return Resolution(stale, key, stale_reason=exc.message)
+        raise
+    state.store.remember_tag(target.api_url, image.repository, image.tag, settings.platform, digest)
+    return Resolution(digest, image_key(target.api_url, image.repository, digest))
