@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from typing import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -21,7 +22,8 @@ from shared.errors import Forbidden, PassthroughError, Unauthorized
 from shared.jobs import JobSpec
 from shared.name import repo_tag
 from shared.prepare import job_id_for
-from shared.store import ImageRecord
+from shared.eviction import leased, record_use
+from shared.store import ImageRecord, Store
 
 log = logging.getLogger("docker_http_passthrough.api")
 # Bump when the archive bytes for the same image change (it is part of the ETag).
@@ -79,7 +81,7 @@ async def download(request: Request) -> Response:
         return refusal_response(exc, wanted, _may_challenge(request))
     log.info("download %s: %s@%s, %d bytes, cache %s, ready in %.3fs", request.url.path, wanted.image.repository,
              resolution.digest, plan.size, "hit" if cached else "miss", time.monotonic() - started)
-    response = archive_response(request, plan, resolution.digest, wanted.filename)
+    response = archive_response(request, plan, record, wanted.filename)
     if resolution.stale_reason:
         response.headers["X-Served-Stale"] = "registry unreachable"
         response.headers["Warning"] = '110 - "Response is Stale"'
@@ -120,7 +122,8 @@ def archive_etag(manifest_digest: str, repo_tag_name: str) -> str:
     return '"' + hashlib.sha256(f"{ARCHIVE_LAYOUT}\n{manifest_digest}\n{repo_tag_name}".encode()).hexdigest()[:40] + '"'
 
 
-def archive_response(request: Request, plan: ArchivePlan, digest: str, filename: str) -> Response:
+def archive_response(request: Request, plan: ArchivePlan, record: ImageRecord, filename: str) -> Response:
+    digest = record.manifest_digest
     etag = archive_etag(digest, plan.repo_tag)
     headers = {
         "Content-Disposition": f'attachment; filename="{filename}"',
@@ -141,4 +144,16 @@ def archive_response(request: Request, plan: ArchivePlan, digest: str, filename:
     headers["Content-Length"] = str(end - start)
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers)
-    return StreamingResponse(iter_archive(plan, start, end), status_code=status, headers=headers)
+    diff_ids = [layer.diff_id for layer in record.layers]
+    return StreamingResponse(_leased_stream(request.app.state.store, plan, diff_ids, start, end), status_code=status,
+                             headers=headers)
+
+
+async def _leased_stream(store: Store, plan: ArchivePlan, diff_ids: list[str], start: int,
+                         end: int) -> AsyncIterator[bytes]:
+    """The archive bytes, with the layers leased so no eviction removes them mid-stream."""
+    record_use(store, diff_ids)
+    with leased(store, diff_ids) as leases:
+        async for chunk in iter_archive(plan, start, end):
+            leases.refresh()
+            yield chunk

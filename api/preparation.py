@@ -24,6 +24,7 @@ from rq.job import Job, JobStatus
 from shared.errors import PassthroughError, TimedOut, Unavailable
 from shared.jobs import (JOB_FUNCTION, OUTCOME_PATTERN, JobSpec, credentials_key, heartbeat_key, outcome_key,
                          progress_key, seal_credentials)
+from shared.eviction import evict
 from shared.locks import LocalLocks
 from shared.prepare import Progress, image_key, job_id_for, prepare_image
 from shared.registry import Credentials, RegistryClient
@@ -72,8 +73,10 @@ class EmbeddedPreparer:
     async def _run(self, spec: JobSpec, credentials: Credentials | None, token: str | None,
                    progress: Progress) -> ImageRecord:
         client = RegistryClient(self.http, spec.registry, spec.repository, credentials, token)
-        return await prepare_image(client, self.store, spec.manifest_digest, self.locks,
-                                   self.settings.layer_concurrency, progress)
+        record = await prepare_image(client, self.store, spec.manifest_digest, self.locks,
+                                     self.settings.layer_concurrency, progress)
+        await anyio.to_thread.run_sync(evict, self.store, self.settings.cache_max_bytes)
+        return record
 
     def _finished(self, job_id: str, task: asyncio.Task) -> None:
         # Forget the task when it ends, success or failure, so a later request retries a failure.

@@ -68,8 +68,16 @@ _EMPTY_CONTAINER_CONFIG: dict[str, Any] = {
 }
 # Fields of Docker's V1Image copied from the image config into the top
 # layer's json, in Go struct order (omitted when absent, like `omitempty`).
-_TOP_LAYER_FIELDS = ("comment", "container", "docker_version", "author", "config",
-                     "architecture", "variant", "os")
+_TOP_LAYER_FIELDS = (
+    "comment",
+    "container",
+    "docker_version",
+    "author",
+    "config",
+    "architecture",
+    "variant",
+    "os",
+)
 
 
 @dataclass(frozen=True)
@@ -148,7 +156,9 @@ def _layer_json(config: dict[str, Any], layer_id: str, parent: str, top: bool) -
         # The top layer carries the image's own metadata, as in `docker save`.
         v1["created"] = config.get("created") or _EPOCH
         container_config = config.get("container_config")
-        v1["container_config"] = container_config if container_config else _EMPTY_CONTAINER_CONFIG
+        v1["container_config"] = (
+            container_config if container_config else _EMPTY_CONTAINER_CONFIG
+        )
         for key in _TOP_LAYER_FIELDS:
             if config.get(key):
                 v1[key] = config[key]
@@ -160,28 +170,40 @@ def _layer_json(config: dict[str, Any], layer_id: str, parent: str, top: bool) -
     return _json(v1)
 
 
-def _validate(config: bytes, config_digest: str, layers: Sequence[LayerFile]) -> dict[str, Any]:
+def _validate(
+    config: bytes, config_digest: str, layers: Sequence[LayerFile]
+) -> dict[str, Any]:
     if not _DIGEST_RE.match(config_digest):
-        raise ValueError(f"config_digest must be 'sha256:<64 hex>', got {config_digest!r}")
+        raise ValueError(
+            f"config_digest must be 'sha256:<64 hex>', got {config_digest!r}"
+        )
     actual = "sha256:" + hashlib.sha256(config).hexdigest()
     if actual != config_digest:
-        raise ValueError(f"config digest mismatch: expected {config_digest}, got {actual}")
+        raise ValueError(
+            f"config digest mismatch: expected {config_digest}, got {actual}"
+        )
     try:
         parsed = json.loads(config)
         diff_ids = parsed["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"config has no rootfs.diff_ids: {exc}") from None
     if not isinstance(diff_ids, list):
-        raise ValueError("config rootfs.diff_ids is not a list")
+        raise ValueError("config rootfs.diff_ids is not a list")  # noqa: TRY004 - bad input, per the API
     if not diff_ids:
         raise ValueError("image has no layers; the legacy layout needs at least one")
     if len(diff_ids) != len(layers):
-        raise ValueError(f"config lists {len(diff_ids)} layers but {len(layers)} were given")
+        raise ValueError(
+            f"config lists {len(diff_ids)} layers but {len(layers)} were given"
+        )
     for i, (expected, layer) in enumerate(zip(diff_ids, layers)):
         if not isinstance(expected, str) or not _DIGEST_RE.match(expected):
-            raise ValueError(f"config rootfs.diff_ids[{i}] is not a sha256 digest: {expected!r}")
+            raise ValueError(
+                f"config rootfs.diff_ids[{i}] is not a sha256 digest: {expected!r}"
+            )
         if layer.diff_id != expected:
-            raise ValueError(f"layer {i}: diff_id {layer.diff_id} != config's {expected}")
+            raise ValueError(
+                f"layer {i}: diff_id {layer.diff_id} != config's {expected}"
+            )
         if layer.size < 0:
             raise ValueError(f"layer {i}: negative size {layer.size}")
     return parsed
@@ -255,11 +277,13 @@ def plan_archive(
         parent = layer_id
 
     b.member(config_name, config)
-    manifest = [{
-        "Config": config_name,
-        "RepoTags": [repo_tag],
-        "Layers": [f"{lid}/layer.tar" for lid in layer_ids],
-    }]
+    manifest = [
+        {
+            "Config": config_name,
+            "RepoTags": [repo_tag],
+            "Layers": [f"{lid}/layer.tar" for lid in layer_ids],
+        }
+    ]
     # Docker writes these two with json.Encoder, hence the trailing newline.
     b.member("manifest.json", _json(manifest) + b"\n")
     b.member("repositories", _json({name: {tag: layer_ids[-1]}}) + b"\n")
@@ -274,10 +298,14 @@ def plan_archive(
     )
 
 
-def _spans(plan: ArchivePlan, start: int, end: int) -> Iterator[tuple[Segment, int, int]]:
+def _spans(
+    plan: ArchivePlan, start: int, end: int
+) -> Iterator[tuple[Segment, int, int]]:
     """Yield (segment, offset within it, length) covering [start, end)."""
     if not 0 <= start <= end <= plan.size:
-        raise ValueError(f"invalid range [{start}, {end}) for an archive of {plan.size} bytes")
+        raise ValueError(
+            f"invalid range [{start}, {end}) for an archive of {plan.size} bytes"
+        )
     i = bisect_right(plan.offsets, start) - 1
     pos = start
     while pos < end:
@@ -327,7 +355,10 @@ def _pread_exact(fd: int, n: int, offset: int, path: str | None) -> bytes:
 
 
 async def iter_archive(
-    plan: ArchivePlan, start: int = 0, end: int | None = None, chunk_size: int = DEFAULT_CHUNK
+    plan: ArchivePlan,
+    start: int = 0,
+    end: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> AsyncIterator[bytes]:
     """Yield bytes [start, end) of the archive in chunks of exactly
     ``chunk_size`` (the last may be shorter).
@@ -355,7 +386,9 @@ async def iter_archive(
             offset, left = lo, n
             while left:
                 take = min(left, chunk_size - len(buf))
-                data = await anyio.to_thread.run_sync(_pread_exact, fd, take, offset, seg.path)
+                data = await anyio.to_thread.run_sync(
+                    _pread_exact, fd, take, offset, seg.path
+                )
                 offset += take
                 left -= take
                 if not buf and take == chunk_size:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 from shared import manifest as mf
 from shared.errors import InvalidContent
+from shared.eviction import LEASE_REFRESH, Leases, leased, record_use
 from shared.locks import Locks
 from shared.registry import RegistryClient
 from shared.store import ImageRecord, PreparedLayer, Store
@@ -165,6 +166,12 @@ async def _reusable(client: RegistryClient, store: Store, layer: mf.Descriptor, 
     return True
 
 
+async def _keep_fresh(leases: Leases) -> None:
+    while True:
+        await asyncio.sleep(LEASE_REFRESH)
+        leases.refresh(force=True)
+
+
 def diff_ids_of(config: bytes) -> list[str]:
     try:
         diff_ids = json.loads(config)["rootfs"]["diff_ids"]
@@ -205,15 +212,20 @@ async def prepare_image(client: RegistryClient, store: Store, manifest_digest: s
             progress.layers_done += 1
             return store.layer_path(diff_id).stat().st_size
 
-    tasks = [asyncio.create_task(one(layer, diff_id)) for layer, diff_id in zip(manifest.layers, diff_ids)]
-    try:
-        sizes = await asyncio.gather(*tasks)
-    except BaseException:
-        # First failure wins; stop the other downloads (their temp files go away with them).
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+    with leased(store, diff_ids) as leases:  # no eviction of this image's layers while it is prepared
+        keeper = asyncio.create_task(_keep_fresh(leases))
+        tasks = [asyncio.create_task(one(layer, diff_id)) for layer, diff_id in zip(manifest.layers, diff_ids)]
+        try:
+            sizes = await asyncio.gather(*tasks)
+        except BaseException:
+            # First failure wins; stop the other downloads (their temp files go away with them).
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            keeper.cancel()
+        record_use(store, diff_ids)
     record = ImageRecord(
         registry=client.target.api_url,
         repository=client.repository,

@@ -6,6 +6,7 @@
     links/<blob hex>            the diff_id a verified compressed layer blob unpacks to
     seen/<hash>                 "registry R serves blob D in repository P", confirmed with a request's credentials
     tags/<hash>                 the digest a tag last resolved to, for serving stale when the registry is down
+    used/<hex>, leases/<hex>.*  last use and live readers of layers, for eviction (shared/eviction.py)
 
 Sharing content between registries must not widen access: a stored blob or layer is used for (R, P) only
 after R confirmed it holds that blob for P, and a layer is reused for a blob digest only when that very blob
@@ -30,7 +31,7 @@ from typing import BinaryIO, Iterator
 from shared.archive import LayerFile
 
 TEMP_MARK = ".partial-"
-_DIRS = ("blobs/sha256", "layers/sha256", "images", "links", "seen", "tags")
+_DIRS = ("blobs/sha256", "layers/sha256", "images", "links", "seen", "tags", "used", "leases")
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,10 @@ def _config(layers: list[LayerFile]) -> tuple[bytes, str]:
             "os": "linux",
             "created": "2024-05-01T12:00:00Z",
             "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
-            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
+            "rootfs": {
+                "type": "layers",
+                "diff_ids": [layer.diff_id for layer in layers],
+            },
         },
         indent=2,
     ).encode()
@@ -62,6 +65,21 @@ def image(tmp_path: Path) -> tuple[bytes, str, list[LayerFile]]:
     layers = [a, b, a]  # `a` repeated: must still be two regular files
     config, digest = _config(layers)
     return config, digest, layers
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _damage(layer: LayerFile, how: str) -> None:
+    path = Path(layer.path)
+    if how == "truncate":
+        os.truncate(path, layer.size - 512)
+    elif how == "remove":
+        path.unlink()
+    else:
+        with path.open("ab") as f:
+            f.write(b"x")
 
 
 def _render(plan: ArchivePlan) -> bytes:
@@ -90,7 +108,12 @@ def test_layout_and_content(image: tuple[bytes, str, list[LayerFile]]) -> None:
         assert len(set(ids)) == 3  # repeated layer gets its own id
         expected: list[str] = []
         for layer_id in ids:
-            expected += [layer_id, f"{layer_id}/VERSION", f"{layer_id}/json", f"{layer_id}/layer.tar"]
+            expected += [
+                layer_id,
+                f"{layer_id}/VERSION",
+                f"{layer_id}/json",
+                f"{layer_id}/layer.tar",
+            ]
         hex_ = digest.removeprefix("sha256:")
         expected += [f"{hex_}.json", "manifest.json", "repositories"]
         assert names == expected
@@ -121,17 +144,18 @@ def test_layout_and_content(image: tuple[bytes, str, list[LayerFile]]) -> None:
                 "Layers": [f"{i}/layer.tar" for i in ids],
             }
         ]
-        assert json.loads(read("repositories")) == {"127.0.0.1:5000/team/app": {"v1": ids[-1]}}
+        assert json.loads(read("repositories")) == {
+            "127.0.0.1:5000/team/app": {"v1": ids[-1]}
+        }
 
 
 def test_layer_ids_follow_spec(image: tuple[bytes, str, list[LayerFile]]) -> None:
     config, digest, layers = image
     plan = plan_archive(config, digest, layers, REPO_TAG)
-    sha = lambda s: hashlib.sha256(s.encode()).hexdigest()  # noqa: E731
     hexes = [layer.diff_id.removeprefix("sha256:") for layer in layers]
-    id0 = sha(f"{hexes[0]} ")
-    id1 = sha(f"{hexes[1]} {id0}")
-    id2 = sha(f"{hexes[2]} {id1} {digest}")
+    id0 = _sha(f"{hexes[0]} ")
+    id1 = _sha(f"{hexes[1]} {id0}")
+    id2 = _sha(f"{hexes[2]} {id1} {digest}")
     assert plan.layer_ids == (id0, id1, id2)
 
 
@@ -144,12 +168,16 @@ def test_deterministic(image: tuple[bytes, str, list[LayerFile]]) -> None:
     assert _render(plan_archive(config, digest, layers, "app:v2")) != first
 
 
-async def _collect(plan: ArchivePlan, start: int = 0, end: int | None = None, chunk: int = 1 << 20) -> list[bytes]:
+async def _collect(
+    plan: ArchivePlan, start: int = 0, end: int | None = None, chunk: int = 1 << 20
+) -> list[bytes]:
     return [c async for c in iter_archive(plan, start, end, chunk_size=chunk)]
 
 
 @pytest.mark.anyio
-async def test_iter_matches_write_and_chunk_sizes(image: tuple[bytes, str, list[LayerFile]]) -> None:
+async def test_iter_matches_write_and_chunk_sizes(
+    image: tuple[bytes, str, list[LayerFile]],
+) -> None:
     config, digest, layers = image
     plan = plan_archive(config, digest, layers, REPO_TAG)
     full = _render(plan)
@@ -175,7 +203,9 @@ async def test_ranges(image: tuple[bytes, str, list[LayerFile]]) -> None:
     boundaries = [s.offset for s in plan.segments]
     file_seg = next(s for s in plan.segments if s.path is not None)
     ks = {0, size, 1, 100, 511, 512, 513, size - 1, size - 1024, size - 700}
-    ks |= set(boundaries) | {b - 1 for b in boundaries if b} | {b + 1 for b in boundaries}
+    ks |= (
+        set(boundaries) | {b - 1 for b in boundaries if b} | {b + 1 for b in boundaries}
+    )
     ks.add(file_seg.offset + file_seg.length // 2)  # inside layer data
     ks = {k for k in ks if 0 <= k <= size}
     for k in sorted(ks):
@@ -184,7 +214,12 @@ async def test_ranges(image: tuple[bytes, str, list[LayerFile]]) -> None:
         assert head == full[:k]
         assert tail == full[k:]
     # end < size, ranges that start and stop mid-file / mid-header
-    for start, end in [(5, 9), (file_seg.offset - 3, file_seg.offset + 70_000), (size - 10, size - 1), (7, 7)]:
+    for start, end in [
+        (5, 9),
+        (file_seg.offset - 3, file_seg.offset + 70_000),
+        (size - 10, size - 1),
+        (7, 7),
+    ]:
         chunks = await _collect(plan, start, end, chunk=65536)
         assert b"".join(chunks) == full[start:end]
         assert all(len(c) == 65536 for c in chunks[:-1])
@@ -196,17 +231,12 @@ async def test_ranges(image: tuple[bytes, str, list[LayerFile]]) -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("damage", ["truncate", "remove", "grow"])
-async def test_source_error_async(image: tuple[bytes, str, list[LayerFile]], damage: str) -> None:
+async def test_source_error_async(
+    image: tuple[bytes, str, list[LayerFile]], damage: str
+) -> None:
     config, digest, layers = image
     plan = plan_archive(config, digest, layers, REPO_TAG)
-    path = Path(layers[1].path)
-    if damage == "truncate":
-        os.truncate(path, layers[1].size - 512)
-    elif damage == "remove":
-        path.unlink()
-    else:
-        with path.open("ab") as f:
-            f.write(b"x")
+    _damage(layers[1], damage)
     with pytest.raises(ArchiveSourceError):
         await _collect(plan)
     with pytest.raises(ArchiveSourceError):
@@ -214,11 +244,16 @@ async def test_source_error_async(image: tuple[bytes, str, list[LayerFile]], dam
     # A range that does not touch the damaged file still works.
     first_file = next(s for s in plan.segments if s.path is not None)
     assert first_file.path == layers[0].path
-    assert len(b"".join(await _collect(plan, 0, first_file.offset + first_file.length))) > 0
+    assert (
+        len(b"".join(await _collect(plan, 0, first_file.offset + first_file.length)))
+        > 0
+    )
 
 
 @pytest.mark.anyio
-async def test_source_error_midstream(image: tuple[bytes, str, list[LayerFile]]) -> None:
+async def test_source_error_midstream(
+    image: tuple[bytes, str, list[LayerFile]],
+) -> None:
     # Truncation after the file was opened and checked: the short read is caught.
     config, digest, layers = image
     plan = plan_archive(config, digest, layers, REPO_TAG)

@@ -13,6 +13,7 @@ from rq import get_current_job
 from shared.errors import PassthroughError
 from shared.jobs import (CREDENTIAL_SOURCES, JobSpec, credentials_key, heartbeat_key, outcome_key, progress_key,
                          unseal_credentials)
+from shared.eviction import evict
 from shared.locks import RedisLocks
 from shared.prepare import Progress, prepare_image
 from shared.registry import Credentials, RegistryClient, new_http_client
@@ -49,6 +50,7 @@ async def _prepare(settings: Settings, spec: JobSpec, credentials: Credentials |
             client = RegistryClient(http, spec.registry, spec.repository, credentials, token)
             await prepare_image(client, store, spec.manifest_digest, RedisLocks(redis), settings.layer_concurrency,
                                 progress)
+        evict(store, settings.cache_max_bytes)
     finally:
         await redis.aclose()
 

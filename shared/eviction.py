@@ -1,0 +1,124 @@
+"""Keeping the store under CACHE_MAX_BYTES: least-recently-used layers go first, leased layers never.
+
+Last use is recorded by us (atime is unreliable under relatime/noatime): the mtime of `used/<hex>`.
+A lease is a file `leases/<hex>.<token>` whose mtime its holder refreshes while it streams or prepares the
+layer; a lease untouched for LEASE_TTL belongs to a crashed process and no longer protects anything.
+Any number of API and worker processes on any hosts may evict at once: each removal is a single unlink.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from shared.store import Store
+
+log = logging.getLogger("docker_http_passthrough.eviction")
+
+LEASE_TTL = 300.0
+LEASE_REFRESH = 60.0
+
+
+def _hex(diff_id: str) -> str:
+    return diff_id.removeprefix("sha256:")
+
+
+def _touch(path: Path, when: float | None = None) -> None:
+    try:
+        os.utime(path, (when, when) if when is not None else None)
+    except FileNotFoundError:
+        path.touch()
+        if when is not None:
+            os.utime(path, (when, when))
+
+
+def record_use(store: Store, diff_ids: Iterable[str]) -> None:
+    for diff_id in diff_ids:
+        _touch(store.root / "used" / _hex(diff_id))
+
+
+class Leases:
+    """Lease files for a set of layers; `refresh()` is cheap to call often (it acts once a minute)."""
+
+    def __init__(self, store: Store, diff_ids: Iterable[str]):
+        token = secrets.token_hex(8)
+        self.paths = [store.root / "leases" / f"{_hex(d)}.{token}" for d in set(diff_ids)]
+        self.refreshed = 0.0
+
+    def refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.refreshed >= LEASE_REFRESH:
+            for path in self.paths:
+                _touch(path)
+            self.refreshed = now
+
+    def release(self) -> None:
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+
+
+@contextmanager
+def leased(store: Store, diff_ids: Iterable[str]) -> Iterator[Leases]:
+    leases = Leases(store, diff_ids)
+    leases.refresh(force=True)
+    try:
+        yield leases
+    finally:
+        leases.release()
+
+
+def _leased_layers(store: Store) -> set[str]:
+    cutoff = time.time() - LEASE_TTL
+    alive = set()
+    for path in (store.root / "leases").iterdir():
+        try:
+            if path.stat().st_mtime >= cutoff:
+                alive.add(path.name.split(".")[0])
+            else:
+                path.unlink(missing_ok=True)  # its holder died
+        except FileNotFoundError:
+            pass
+    return alive
+
+
+def evict(store: Store, max_bytes: int) -> list[str]:
+    """Remove least-recently-used, unleased layers until the layers fit in max_bytes; returns removed hexes."""
+    if max_bytes <= 0:
+        return []
+    layers = []
+    total = 0
+    for path in (store.root / "layers" / "sha256").iterdir():
+        if not path.name.endswith(".tar"):
+            continue  # temp files of running writers
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        hex_id = path.name[:-4]
+        try:
+            last_use = (store.root / "used" / hex_id).stat().st_mtime
+        except FileNotFoundError:
+            last_use = stat.st_mtime
+        layers.append((last_use, hex_id, path, stat.st_size))
+        total += stat.st_size
+    if total <= max_bytes:
+        return []
+    protected = _leased_layers(store)
+    removed = []
+    for _last_use, hex_id, path, size in sorted(layers):
+        if total <= max_bytes:
+            break
+        if hex_id in protected:
+            continue
+        path.unlink(missing_ok=True)
+        (store.root / "used" / hex_id).unlink(missing_ok=True)
+        total -= size
+        removed.append(hex_id)
+    if removed:
+        log.info("evicted %d layers to keep the store under %d bytes (now %d)", len(removed), max_bytes, total)
+    return removed
