@@ -6,6 +6,7 @@ GET and HEAD answer the archive (Range and If-Range for resuming); POST starts t
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -15,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from api.client_auth import CHALLENGE
+from api.early import plan_before_ready, stream_as_prepared
 from api.ranges import UnsatisfiableRange, requested_range
 from api.resolution import ImageRequest, Resolution, parse_image_request, resolve
 from shared.archive import ArchivePlan, iter_archive, plan_archive
@@ -22,6 +24,7 @@ from shared.errors import Forbidden, PassthroughError, Unauthorized
 from shared.jobs import JobSpec
 from shared.name import repo_tag
 from shared.prepare import job_id_for
+from shared.registry import RegistryClient
 from shared.eviction import leased, record_use
 from shared.store import ImageRecord, Store
 
@@ -55,16 +58,6 @@ def _spec(wanted: ImageRequest, resolution: Resolution) -> JobSpec:
     return JobSpec(wanted.target.to_dict(), wanted.image.repository, resolution.digest, wanted.auth.source)
 
 
-async def prepared_record(request: Request, wanted: ImageRequest, resolution: Resolution) -> tuple[ImageRecord, bool]:
-    """(record, was it already prepared)."""
-    state = request.app.state
-    record = state.store.get_image(resolution.key)
-    if record is not None:
-        return record, True
-    record = await state.preparer.ensure(_spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
-    return record, False
-
-
 async def download(request: Request) -> Response:
     state = request.app.state
     started = time.monotonic()
@@ -72,10 +65,15 @@ async def download(request: Request) -> Response:
     try:
         wanted = parse_image_request(request)
         resolution = await resolve(request, wanted)
-        record, cached = await prepared_record(request, wanted, resolution)
+        name = repo_tag(wanted.image, registry_host=wanted.target.repo_tag_host)
+        record = state.store.get_image(resolution.key)
+        cached = record is not None
+        if record is None:
+            record = await _prepare_or_start_early(request, wanted, resolution, name)
+            if isinstance(record, Response):
+                return record
         plan = plan_archive(state.store.get_blob(record.config_digest), record.config_digest,
-                            state.store.layer_files(record),
-                            repo_tag(wanted.image, registry_host=wanted.target.repo_tag_host))
+                            state.store.layer_files(record), name)
     except PassthroughError as exc:
         log.info("download %s failed: %s %s", request.url.path, exc.status, exc.message)
         return refusal_response(exc, wanted, _may_challenge(request))
@@ -86,6 +84,41 @@ async def download(request: Request) -> Response:
         response.headers["X-Served-Stale"] = "registry unreachable"
         response.headers["Warning"] = '110 - "Response is Stale"'
     return response
+
+
+async def _prepare_or_start_early(request: Request, wanted: ImageRequest, resolution: Resolution,
+                                  name: str) -> ImageRecord | Response:
+    """The prepared image; or, for a GET still preparing after PREPARE_GRACE, a response already streaming."""
+    state = request.app.state
+    settings = state.settings
+    spec = _spec(wanted, resolution)
+    credentials, token = wanted.auth.credentials, wanted.auth.token
+    if request.method != "GET" or settings.prepare_grace <= 0:
+        return await state.preparer.ensure(spec, credentials, token)
+    job_id = await state.preparer.start(spec, credentials, token)
+    try:
+        return await asyncio.wait_for(state.preparer.ensure(spec, credentials, token), settings.prepare_grace)
+    except TimeoutError:
+        pass
+    client = RegistryClient(state.http, wanted.target, wanted.image.repository, credentials, token)
+    early = await plan_before_ready(client, state.store, resolution.digest, name)
+    if early is None:  # some size cannot be known in advance: wait it out
+        log.info("download %s: sizes unknown before unpacking, waiting for the preparation", request.url.path)
+        return await state.preparer.ensure(spec, credentials, token)
+    plan, layers = early
+
+    async def failure() -> PassthroughError | None:
+        status = await state.preparer.status(job_id)
+        if status is not None and status.get("state") == "failed":
+            return PassthroughError.from_dict(status.get("error") or {})
+        return None
+
+    log.info("download %s: still preparing after %gs, streaming %d bytes as layers verify", request.url.path,
+             settings.prepare_grace, plan.size)
+    body = stream_as_prepared(plan, layers, state.store, wanted.target.api_url, wanted.image.repository, failure,
+                              lambda: state.store.get_image(resolution.key) is not None, settings.prepare_timeout)
+    headers = {**_archive_headers(plan, resolution.digest, wanted.filename), "Content-Length": str(plan.size)}
+    return StreamingResponse(body, headers=headers)
 
 
 async def prewarm(request: Request) -> Response:
@@ -122,16 +155,19 @@ def archive_etag(manifest_digest: str, repo_tag_name: str) -> str:
     return '"' + hashlib.sha256(f"{ARCHIVE_LAYOUT}\n{manifest_digest}\n{repo_tag_name}".encode()).hexdigest()[:40] + '"'
 
 
-def archive_response(request: Request, plan: ArchivePlan, record: ImageRecord, filename: str) -> Response:
-    digest = record.manifest_digest
-    etag = archive_etag(digest, plan.repo_tag)
-    headers = {
+def _archive_headers(plan: ArchivePlan, digest: str, filename: str) -> dict[str, str]:
+    return {
         "Content-Disposition": f'attachment; filename="{filename}"',
         "Content-Type": "application/x-tar",
         "Accept-Ranges": "bytes",
-        "ETag": etag,
+        "ETag": archive_etag(digest, plan.repo_tag),
         "X-Manifest-Digest": digest,
     }
+
+
+def archive_response(request: Request, plan: ArchivePlan, record: ImageRecord, filename: str) -> Response:
+    headers = _archive_headers(plan, record.manifest_digest, filename)
+    etag = headers["ETag"]
     try:
         wanted = requested_range(request.headers.get("range"), request.headers.get("if-range"), etag, plan.size)
     except UnsatisfiableRange:

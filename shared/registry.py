@@ -299,6 +299,18 @@ class RegistryClient:
         self._check(response, f"blob {digest} of {self.repository}")
         return int(response.headers.get("content-length") or -1)
 
+    async def blob_tail(self, digest: str, size: int, length: int) -> bytes | None:
+        """The last `length` bytes of a blob of `size` bytes, or None if the registry ignores Range."""
+        headers = {"Range": f"bytes={size - length}-{size - 1}"}
+        response = await self._send("GET", self._url("blobs", digest), headers, stream=True)
+        try:
+            if response.status_code != 206:
+                return None  # a 200 would be the whole blob: do not read it
+            data = await response.aread()
+            return data if len(data) == length else None
+        finally:
+            await response.aclose()
+
     async def get_blob(self, digest: str, limit: int = 64 << 20) -> bytes:
         """A small blob (an image config), verified against its digest."""
         hasher = hashlib.sha256()

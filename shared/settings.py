@@ -47,6 +47,8 @@ class Settings:
     error_cache_seconds: float = 10.0
     # Serve a previously prepared tag when the registry is unreachable (with an X-Served-Stale header).
     serve_stale: bool = True
+    # Start the response (exact Content-Length) after this long even if the preparation is not done; 0: never.
+    prepare_grace: float = 20.0
     # Evict least-recently-used layers when the store grows past this; 0 means unbounded.
     cache_max_bytes: int = 0
 
@@ -181,5 +183,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         layer_concurrency=int(_positive_number(env, "LAYER_CONCURRENCY", 3, int)),
         error_cache_seconds=_non_negative(env, "ERROR_CACHE_SECONDS", 10.0),
         serve_stale=_flag(env, "SERVE_STALE", True),
+        prepare_grace=_non_negative(env, "PREPARE_GRACE", 20.0),
         cache_max_bytes=_byte_size(env, "CACHE_MAX_BYTES"),
     )
