@@ -5,3 +5,14 @@ pytest_plugins = [
     "tests.support.service_fixtures",
     "tests.support.token_fixtures",
 ]
+
+
+import pytest  # noqa: E402 - plugins first, as pytest reads them
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session_registry_proxy(request):
+    """The session registry's proxy starts every test with no faults and no counts."""
+    if "registry" in request.fixturenames:
+        request.getfixturevalue("registry").proxy.reset()
+    yield

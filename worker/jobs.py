@@ -22,7 +22,7 @@ from shared.store import Store
 
 log = logging.getLogger("docker_http_passthrough.worker")
 
-HEARTBEAT_EVERY = 2.0
+HEARTBEAT_EVERY = 1.0
 OUTCOME_TTL = 3600
 
 
