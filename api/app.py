@@ -8,16 +8,19 @@ from typing import AsyncIterator
 
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from api.download import download, job_status, prewarm
-from api.resolution import ErrorCache
+from api.observability import TelemetryMiddleware, metrics
 from api.preparation import EmbeddedPreparer, QueuePreparer
+from api.resolution import ErrorCache
 from shared.registry import new_http_client, target_from_settings
 from shared.settings import Settings
 from shared.store import Store
+from shared.telemetry import flush_tracing, setup_tracing
 
 log = logging.getLogger("docker_http_passthrough.api")
 
@@ -47,6 +50,7 @@ DOWNLOAD_PATHS = (
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        setup_tracing("api")
         store = Store(settings.cache_dir)
         swept = store.sweep_partials()
         if swept:
@@ -68,6 +72,7 @@ def create_app(settings: Settings) -> Starlette:
                 yield
             finally:
                 await app.state.preparer.close()
+                flush_tracing()
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -75,4 +80,5 @@ def create_app(settings: Settings) -> Starlette:
     ]
     for path in DOWNLOAD_PATHS:
         routes += [Route(path, download, methods=["GET", "HEAD"]), Route(path, prewarm, methods=["POST"])]
-    return Starlette(routes=routes, lifespan=lifespan)
+    routes.append(Route("/metrics", metrics, methods=["GET"]))
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(TelemetryMiddleware)])

@@ -18,14 +18,20 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from api.client_auth import CHALLENGE
 from api.early import plan_before_ready, stream_as_prepared
 from api.ranges import UnsatisfiableRange, requested_range
-from api.resolution import ImageRequest, Resolution, parse_image_request, resolve
+from api.resolution import (
+    ImageRequest,
+    Resolution,
+    image_attributes,
+    parse_image_request,
+    resolve,
+)
 from shared.archive import ArchivePlan, iter_archive, plan_archive
 from shared.errors import Forbidden, PassthroughError, Unauthorized
+from shared.eviction import leased, record_use
 from shared.jobs import JobSpec
 from shared.name import repo_tag
 from shared.prepare import job_id_for
 from shared.registry import RegistryClient
-from shared.eviction import leased, record_use
 from shared.store import ImageRecord, Store
 
 log = logging.getLogger("docker_http_passthrough.api")
@@ -58,27 +64,45 @@ def _spec(wanted: ImageRequest, resolution: Resolution) -> JobSpec:
     return JobSpec(wanted.target.to_dict(), wanted.image.repository, resolution.digest, wanted.auth.source)
 
 
+def _note(request: Request, **download: object) -> None:
+    """What the access log line and the route span say about this download."""
+    request.state.download = {**getattr(request.state, "download", {}), **download}
+
+
 async def download(request: Request) -> Response:
     state = request.app.state
     started = time.monotonic()
     wanted = None
+    attributes: dict = {}
+    request.state.span_attributes = attributes
     try:
         wanted = parse_image_request(request)
+        attributes.update(image_attributes(request, wanted))
+        _note(request, image=f"{wanted.target.name}/{wanted.image.repository}:{wanted.image.tag}")
         resolution = await resolve(request, wanted)
         name = repo_tag(wanted.image, registry_host=wanted.target.repo_tag_host)
         record = state.store.get_image(resolution.key)
         cached = record is not None
+        attributes.update({"oci.manifest.digest": resolution.digest, "dhp.cache.hit": cached,
+                           "dhp.job.id": job_id_for(resolution.key)})
+        _note(request, digest=resolution.digest, cache_hit=cached)
         if record is None:
             record = await _prepare_or_start_early(request, wanted, resolution, name)
             if isinstance(record, Response):
                 return record
+        attributes["container.image.id"] = record.config_digest
         plan = plan_archive(state.store.get_blob(record.config_digest), record.config_digest,
                             state.store.layer_files(record), name)
     except PassthroughError as exc:
         log.info("download %s failed: %s %s", request.url.path, exc.status, exc.message)
-        return refusal_response(exc, wanted, _may_challenge(request))
-    log.info("download %s: %s@%s, %d bytes, cache %s, ready in %.3fs", request.url.path, wanted.image.repository,
-             resolution.digest, plan.size, "hit" if cached else "miss", time.monotonic() - started)
+        _note(request, error=exc.code)
+        response = refusal_response(exc, wanted, _may_challenge(request))
+        attributes["registry.client_auth.challenge_sent"] = "www-authenticate" in response.headers
+        attributes["error.type"] = exc.code
+        return response
+    log.debug("download %s: %s@%s, %d bytes, cache %s, ready in %.3fs", request.url.path,
+              wanted.image.repository, resolution.digest, plan.size, "hit" if cached else "miss",
+              time.monotonic() - started)
     response = archive_response(request, plan, record, wanted.filename)
     if resolution.stale_reason:
         response.headers["X-Served-Stale"] = "registry unreachable"

@@ -44,7 +44,7 @@ _isize_asked: dict[str, asyncio.Future] = {}
 async def _ask_isize(client: RegistryClient, layer: mf.Descriptor) -> int | None:
     if layer.size < 18 or layer.size >= ISIZE_LIMIT:
         return None
-    tail = await client.blob_tail(layer.digest, layer.size, 4)
+    tail = await client.blob_range(layer.digest, layer.size - 4, 4)
     if tail is None:
         return None
     isize = struct.unpack("<I", tail)[0]

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from datetime import timezone
 from typing import Protocol
 
 import anyio.to_thread
@@ -20,16 +21,26 @@ import redis.asyncio as aioredis
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.utils import utcparse
 
 from shared.errors import PassthroughError, TimedOut, Unavailable
-from shared.jobs import (JOB_FUNCTION, OUTCOME_PATTERN, JobSpec, credentials_key, heartbeat_key, outcome_key,
-                         progress_key, seal_credentials)
 from shared.eviction import evict
+from shared.jobs import (
+    JOB_FUNCTION,
+    OUTCOME_PATTERN,
+    JobSpec,
+    credentials_key,
+    heartbeat_key,
+    outcome_key,
+    progress_key,
+    seal_credentials,
+)
 from shared.locks import LocalLocks
 from shared.prepare import Progress, image_key, job_id_for, prepare_image
 from shared.registry import Credentials, RegistryClient
 from shared.settings import Settings
 from shared.store import ImageRecord, Store
+from shared.telemetry import inject_context, link_to, tracer
 
 log = logging.getLogger("docker_http_passthrough.api")
 
@@ -37,7 +48,7 @@ ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCH
 # How often a waiter re-checks the job's state when no outcome message arrives.
 CHECK_EVERY = 1.0
 # A job that started this recently may not have written its first heartbeat yet.
-START_GRACE = 10.0
+START_GRACE = 3.0
 
 
 class Preparer(Protocol):
@@ -57,6 +68,13 @@ def _key_of_job(job_id: str) -> str | None:
     return job_id.removeprefix("prepare-") if job_id.startswith("prepare-") else None
 
 
+def _wait_span(job_id: str, started_by: dict | None):
+    """The request's span for waiting on a preparation; linked to the starter's trace when it joined one."""
+    return tracer().start_as_current_span(
+        "wait_for_preparation", links=link_to(started_by) if started_by else None,
+        attributes={"dhp.job.id": job_id, "dhp.job.joined": started_by is not None})
+
+
 def _key(spec: JobSpec) -> str:
     return image_key(spec.registry.api_url, spec.repository, spec.manifest_digest)
 
@@ -67,7 +85,7 @@ class EmbeddedPreparer:
         self.store = store
         self.http = http
         self.locks = LocalLocks()
-        self.running: dict[str, tuple[asyncio.Task, Progress]] = {}
+        self.running: dict[str, tuple[asyncio.Task, Progress, dict]] = {}
         self.failures: dict[str, tuple[float, dict]] = {}  # recent failures, for the status route
 
     async def _run(self, spec: JobSpec, credentials: Credentials | None, token: str | None,
@@ -92,7 +110,7 @@ class EmbeddedPreparer:
         if job_id not in self.running and self.store.get_image(_key(spec)) is None:
             progress = Progress()
             task = asyncio.create_task(self._run(spec, credentials, token, progress))
-            self.running[job_id] = (task, progress)
+            self.running[job_id] = (task, progress, inject_context())
             self.failures.pop(job_id, None)
             task.add_done_callback(lambda t: self._finished(job_id, t))
         return job_id
@@ -105,9 +123,12 @@ class EmbeddedPreparer:
             if record is not None:
                 return record
             raise PassthroughError.from_dict(self.failures.get(job_id, (0, {}))[1])
+        starter = entry[2]
+        joined = starter != inject_context()
         try:
-            # shield: a client that hangs up does not cancel the preparation others wait for.
-            return await asyncio.wait_for(asyncio.shield(entry[0]), self.settings.prepare_timeout)
+            with _wait_span(job_id, starter if joined else None):
+                # shield: a client that hangs up does not cancel the preparation others wait for.
+                return await asyncio.wait_for(asyncio.shield(entry[0]), self.settings.prepare_timeout)
         except TimeoutError:
             raise TimedOut(f"preparing the image took longer than PREPARE_TIMEOUT={self.settings.prepare_timeout:g}s") from None
 
@@ -124,7 +145,7 @@ class EmbeddedPreparer:
         return None
 
     async def close(self) -> None:
-        for task, _ in list(self.running.values()):
+        for task, _progress, _trace in list(self.running.values()):
             task.cancel()
 
 
@@ -182,6 +203,7 @@ class QueuePreparer:
         self.queue = Queue(settings.queue_name, connection=self.sync)
         self.watcher = OutcomeWatcher(self.redis)
         self.watcher.start()
+        self.joined: dict[str, dict | None] = {}  # job id → trace context of its starter, for span links
 
     def _job_lost(self, job: Job) -> bool:
         """A started job whose worker stopped beating: its worker died and RQ has not noticed yet."""
@@ -190,22 +212,34 @@ class QueuePreparer:
         started = job.started_at.timestamp() if job.started_at else 0.0
         return time.time() - started > START_GRACE
 
-    def _enqueue_unless_running(self, spec: JobSpec, job_id: str, sealed: bytes | None) -> None:
-        """Runs in a thread (RQ is synchronous). A short Redis lock makes check-then-enqueue atomic across APIs."""
+    def _settle(self, job: Job) -> None:
+        """The job reported its outcome but RQ may not have marked it finished yet: replacing it now would let
+        the old worker's bookkeeping overwrite the new job. Give RQ a moment."""
+        deadline = time.monotonic() + 5.0
+        while job.get_status(refresh=True) in ACTIVE and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _enqueue_unless_running(self, spec: JobSpec, job_id: str, sealed: bytes | None,
+                                trace_context: dict) -> dict | None:
+        """Runs in a thread (RQ is synchronous). A short Redis lock makes check-then-enqueue atomic across APIs.
+        Returns the trace context of the request that started the job when this one joins it."""
         with self.sync.lock(f"dhp:enqueue:{job_id}", timeout=30, blocking_timeout=30):
             if self.store.get_image(_key(spec)) is not None:
-                return
+                return None
             try:
                 job = Job.fetch(job_id, connection=self.sync)
             except NoSuchJobError:
                 job = None
             if job is not None:
-                if job.get_status(refresh=False) in ACTIVE and not self._job_lost(job):
-                    return
+                reported = self.sync.exists(outcome_key(job_id))
+                if not reported and job.get_status(refresh=False) in ACTIVE and not self._job_lost(job):
+                    return job.meta.get("trace") or {}
+                if reported:
+                    self._settle(job)
                 # Failed, finished without output, or orphaned: RQ keeps such ids for a long time; replace it.
                 job.delete()
             pipe = self.sync.pipeline()
-            pipe.delete(outcome_key(job_id), heartbeat_key(job_id))
+            pipe.delete(outcome_key(job_id), heartbeat_key(job_id), progress_key(job_id))
             if sealed is not None:
                 pipe.set(credentials_key(job_id), sealed, ex=self.settings.job_timeout + 600)
             pipe.execute()
@@ -217,7 +251,9 @@ class QueuePreparer:
                 result_ttl=600,
                 failure_ttl=600,
                 description=f"prepare {spec.registry.name}/{spec.repository}@{spec.manifest_digest}",
+                meta={"trace": trace_context},
             )
+            return None
 
     async def _live_workers(self) -> int:
         members = await self.redis.smembers(f"rq:workers:{self.settings.queue_name}")
@@ -225,37 +261,58 @@ class QueuePreparer:
             return 0
         return int(await self.redis.exists(*members))
 
+    async def _look(self, job_id: str) -> dict:
+        """One look at a job: {"state": done|failed|running|queued|gone, "error": {...}, "problem": why it may
+        never finish}. A running job without a heartbeat for WORKER_LOST_TIMEOUT has failed: its worker died."""
+        outcome = await self.redis.get(outcome_key(job_id))
+        if outcome is not None:
+            result = json.loads(outcome)
+            if result.get("ok"):
+                return {"state": "done"}
+            return {"state": "failed", "error": {k: v for k, v in result.items() if k != "ok"}}
+        status, started_at = await self.redis.hmget(f"rq:job:{job_id}", "status", "started_at")
+        status = status.decode() if status else None
+        if status is None:
+            return {"state": "gone"}
+        if status == JobStatus.FINISHED:
+            return {"state": "done"}
+        if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+            # No outcome: the job was killed (job timeout, or its work horse died and RQ noticed).
+            return {"state": "failed", "error": {
+                "error": "preparation_failed", "status": 502,
+                "message": f"the preparation job ended ({status}) without a result: its worker was killed or it "
+                           "ran past JOB_TIMEOUT; see the worker logs"}}
+        if status == JobStatus.STARTED:
+            if not await self.redis.exists(heartbeat_key(job_id)):
+                started = utcparse(started_at.decode()).replace(tzinfo=timezone.utc).timestamp() if started_at else 0
+                if time.time() - started > START_GRACE:
+                    return {"state": "failed", "error": TimedOut(
+                        "the worker preparing this image stopped responding (no heartbeat for "
+                        f"WORKER_LOST_TIMEOUT={self.settings.worker_lost_timeout:g}s)", code="worker_lost").to_dict()}
+            return {"state": "running"}
+        problem = None if await self._live_workers() else "no preparation worker is running"
+        return {"state": "queued", "problem": problem}
+
     async def _wait(self, job_id: str) -> None:
         deadline = time.monotonic() + self.settings.prepare_timeout
         trouble_since: float | None = None
         while True:
-            outcome = await self.redis.get(outcome_key(job_id))
-            if outcome is not None:
-                result = json.loads(outcome)
-                if result.get("ok"):
-                    return
-                raise PassthroughError.from_dict(result)
-            status = await self.redis.hget(f"rq:job:{job_id}", "status")
-            status = status.decode() if status else None
-            problem = None
-            if status is None:
+            look = await self._look(job_id)
+            if look["state"] == "done":
+                return
+            if look["state"] == "failed":
+                raise PassthroughError.from_dict(look["error"])
+            if look["state"] == "gone":
                 raise Unavailable("the preparation job disappeared from Redis before it finished")
-            if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
-                # No outcome: the job was killed (job timeout or its worker process died).
-                raise PassthroughError(f"the preparation job ended ({status}) without a result: its worker was "
-                                       "killed or it ran past JOB_TIMEOUT; see the worker logs", status=502,
-                                       code="preparation_failed")
-            if status == JobStatus.STARTED and not await self.redis.exists(heartbeat_key(job_id)):
-                problem = "the worker preparing this image stopped responding"
-            elif status == JobStatus.QUEUED and not await self._live_workers():
-                problem = "no preparation worker is running"
             now = time.monotonic()
+            problem = look.get("problem")
             if problem is None:
                 trouble_since = None
             elif trouble_since is None:
                 trouble_since = now
             elif now - trouble_since > self.settings.worker_lost_timeout:
-                raise TimedOut(f"{problem} (waited {self.settings.worker_lost_timeout:g}s, WORKER_LOST_TIMEOUT)")
+                raise TimedOut(f"{problem} (waited {self.settings.worker_lost_timeout:g}s, WORKER_LOST_TIMEOUT)",
+                               code="no_worker")
             if now > deadline:
                 raise TimedOut(f"preparing the image took longer than PREPARE_TIMEOUT={self.settings.prepare_timeout:g}s")
             await self.watcher.wait(job_id, min(CHECK_EVERY, max(deadline - now, 0.01)))
@@ -269,7 +326,8 @@ class QueuePreparer:
                                   "client's registry credentials to a worker", code="credentials_key_missing")
             sealed = seal_credentials(credentials, self.settings.credentials_key)
         try:
-            await anyio.to_thread.run_sync(self._enqueue_unless_running, spec, job_id, sealed)
+            self.joined[job_id] = await anyio.to_thread.run_sync(self._enqueue_unless_running, spec, job_id, sealed,
+                                                                 inject_context())
         except redis_sync.RedisError as exc:
             raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
         return job_id
@@ -278,10 +336,12 @@ class QueuePreparer:
         key = _key(spec)
         job_id = await self.start(spec, credentials, token)
         if self.store.get_image(key) is None:
-            try:
-                await self._wait(job_id)
-            except aioredis.RedisError as exc:
-                raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
+            started_by = self.joined.pop(job_id, None)
+            with _wait_span(job_id, started_by):
+                try:
+                    await self._wait(job_id)
+                except aioredis.RedisError as exc:
+                    raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
         record = self.store.get_image(key)
         if record is None:
             raise Unavailable("the preparation finished but the image is not in CACHE_DIR: do the API and the "
@@ -294,18 +354,11 @@ class QueuePreparer:
             return None
         if self.store.get_image(key) is not None:
             return {"state": "done"}
-        outcome = await self.redis.get(outcome_key(job_id))
-        if outcome is not None and not json.loads(outcome).get("ok"):
-            return {"state": "failed", "error": {k: v for k, v in json.loads(outcome).items() if k != "ok"}}
-        status = await self.redis.hget(f"rq:job:{job_id}", "status")
-        if status is None:
+        look = await self._look(job_id)
+        if look["state"] == "gone":
             return None
         progress = {k.decode(): int(v) for k, v in (await self.redis.hgetall(progress_key(job_id))).items()}
-        state = {"queued": "queued", "started": "running"}.get(status.decode(), status.decode())
-        if state in ("failed", "stopped", "canceled"):
-            return {"state": "failed", "error": {"error": "preparation_failed", "status": 502,
-                                                 "message": f"the preparation job ended ({state}) without a result"}}
-        return {"state": state, **progress}
+        return {**{k: v for k, v in look.items() if v is not None}, **progress}
 
     async def close(self) -> None:
         await self.watcher.close()

@@ -14,15 +14,25 @@ import logging
 import time
 from dataclasses import dataclass
 
+from opentelemetry import trace
 from starlette.requests import Request
 
 from api.client_auth import UpstreamAuth, basic_credentials, choose_upstream_auth
 from shared import manifest as mf
-from shared.errors import BadRequest, Forbidden, NotFound, PassthroughError, TimedOut, Unauthorized, Unreachable
+from shared.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PassthroughError,
+    TimedOut,
+    Unauthorized,
+    Unreachable,
+)
 from shared.name import FilenameError, ImageName, parse_filename
 from shared.prepare import image_key, manifest_bytes
 from shared.registry import Credentials, RegistryClient, RegistryTarget, target_from_url
 from shared.store import Store
+from shared.telemetry import tracer
 
 log = logging.getLogger("docker_http_passthrough.api")
 
@@ -83,6 +93,30 @@ def _target(request: Request) -> RegistryTarget:
 
 
 def parse_image_request(request: Request) -> ImageRequest:
+    with tracer().start_as_current_span("parse_image_request") as span:
+        wanted = _parse_image_request(request)
+        span.set_attributes(image_attributes(request, wanted))
+        return wanted
+
+
+def image_attributes(request: Request, wanted: ImageRequest) -> dict:
+    """What every span of a download says about the image and the registry (never a credential)."""
+    settings = request.app.state.settings
+    return {
+        "container.image.name": f"{wanted.target.name}/{wanted.image.repository}",
+        "container.image.tag": wanted.image.tag,
+        "registry.name": wanted.target.name,
+        "registry.url": wanted.target.api_url,
+        "registry.target.source": "url" if "host" in request.path_params else "settings",
+        "registry.default_namespace": settings.registry_default_namespace or "",
+        "registry.auth.configured": wanted.auth.source != "anonymous",
+        "registry.client_auth.mode": settings.registry_client_auth,
+        "registry.client_auth.credentials_present": "authorization" in request.headers,
+        "registry.client_auth.credentials_used": wanted.client_credentials is not None,
+    }
+
+
+def _parse_image_request(request: Request) -> ImageRequest:
     settings = request.app.state.settings
     auth_route = request.url.path.startswith("/registry-auth/")
     requires_client_auth = auth_route or (settings.registry_client_auth == "required"
@@ -94,11 +128,15 @@ def parse_image_request(request: Request) -> ImageRequest:
                                default_namespace=settings.registry_default_namespace)
     except FilenameError as exc:
         raise BadRequest(str(exc), code=f"bad_filename:{exc.rule}") from None
-    client = None
-    if auth_route or settings.registry_client_auth != "off":
-        client = basic_credentials(request.headers.get("authorization"))
-    if requires_client_auth and client is None:
-        raise Unauthorized("this route needs your registry credentials (HTTP Basic)", code="credentials_required")
+    with tracer().start_as_current_span("extract_registry_client_credentials") as span:
+        client = None
+        if auth_route or settings.registry_client_auth != "off":
+            client = basic_credentials(request.headers.get("authorization"))
+        span.set_attribute("registry.client_auth.mode", settings.registry_client_auth)
+        span.set_attribute("registry.client_auth.credentials_present", "authorization" in request.headers)
+        span.set_attribute("registry.client_auth.credentials_used", client is not None)
+        if requires_client_auth and client is None:
+            raise Unauthorized("this route needs your registry credentials (HTTP Basic)", code="credentials_required")
     return ImageRequest(
         filename=filename,
         target=target,
@@ -119,6 +157,14 @@ async def resolve_platform_digest(client: RegistryClient, store: Store, tag: str
 
 
 async def resolve(request: Request, wanted: ImageRequest) -> Resolution:
+    with tracer().start_as_current_span("resolve_manifest") as span:
+        resolution = await _resolve(request, wanted)
+        span.set_attribute("oci.manifest.digest", resolution.digest)
+        span.set_attribute("dhp.served_stale", resolution.stale_reason is not None)
+        return resolution
+
+
+async def _resolve(request: Request, wanted: ImageRequest) -> Resolution:
     state = request.app.state
     settings = state.settings
     target, image, auth = wanted.target, wanted.image, wanted.auth
@@ -126,6 +172,7 @@ async def resolve(request: Request, wanted: ImageRequest) -> Resolution:
     error_key = (target.api_url, image.repository, image.tag, identity)
     remembered = state.error_cache.get(error_key)
     if remembered is not None:
+        trace.get_current_span().set_attribute("dhp.error_cache.hit", True)
         raise remembered
     client = RegistryClient(state.http, target, image.repository, auth.credentials, auth.token)
     try:

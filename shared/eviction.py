@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from shared.metrics import EVICTIONS
 from shared.store import Store
 
 log = logging.getLogger("docker_http_passthrough.eviction")
@@ -120,5 +121,6 @@ def evict(store: Store, max_bytes: int) -> list[str]:
         total -= size
         removed.append(hex_id)
     if removed:
+        EVICTIONS.inc(len(removed))
         log.info("evicted %d layers to keep the store under %d bytes (now %d)", len(removed), max_bytes, total)
     return removed

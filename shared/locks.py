@@ -47,7 +47,7 @@ _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpi
 
 
 class RedisLocks:
-    def __init__(self, client: aioredis.Redis, prefix: str = "dhp:lock:", ttl: float = 30.0, poll: float = 0.25):
+    def __init__(self, client: aioredis.Redis, prefix: str = "dhp:lock:", ttl: float = 10.0, poll: float = 0.25):
         self.client = client
         self.prefix = prefix
         self.ttl_ms = int(ttl * 1000)

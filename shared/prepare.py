@@ -8,14 +8,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import secrets
+import time
 from dataclasses import asdict, dataclass
 
 from shared import manifest as mf
 from shared.errors import InvalidContent
 from shared.eviction import LEASE_REFRESH, Leases, leased, record_use
 from shared.locks import Locks
+from shared.metrics import JOBS_IN_FLIGHT, PREPARE_SECONDS, UPSTREAM_BYTES
 from shared.registry import RegistryClient
 from shared.store import ImageRecord, PreparedLayer, Store
+from shared.telemetry import tracer
 
 try:  # isal inflates ~1.7x faster than stdlib zlib, same interface
     from isal import isal_zlib as zlib_impl
@@ -24,6 +29,8 @@ except ImportError:  # pragma: no cover
 
 # Hand bytes to the decompress thread in pieces this large: fewer thread hops, bounded memory.
 FEED_SIZE = 1 << 20
+# Bytes of a blob that another registry must show us before we reuse our stored copy for it.
+TAIL_SIZE = 32
 # Inflate at most this much per call, so a small, highly compressed input cannot balloon memory.
 INFLATE_STEP = 4 << 20
 
@@ -51,7 +58,11 @@ def job_id_for(key: str) -> str:
 
 
 class _LayerSink:
-    """Hashes the blob as sent, inflates it if needed, hashes and writes the tar. Runs in a worker thread."""
+    """Hashes the blob as sent, inflates it if needed, hashes and writes the tar. Runs in a worker thread.
+
+    A stream that does not inflate is remembered, not raised at once: the blob is still hashed to the end, so
+    the error can say whether the registry sent the wrong bytes (digest mismatch) or a broken gzip.
+    """
 
     def __init__(self, out, gzip: bool):
         self.out = out
@@ -60,6 +71,9 @@ class _LayerSink:
         self.blob_size = 0
         self.tar_size = 0
         self.inflater = zlib_impl.decompressobj(wbits=31) if gzip else None
+        self.gzip_error: str | None = None
+        self.padding = False  # past the last gzip member: only zeros may follow
+        self.blob_tail = b""  # the blob's last TAIL_SIZE bytes, kept as proof material (see _possessed)
 
     def _emit(self, data: bytes) -> None:
         self.tar_hash.update(data)
@@ -69,38 +83,46 @@ class _LayerSink:
     def feed(self, data: bytes) -> None:
         self.blob_hash.update(data)
         self.blob_size += len(data)
+        self.blob_tail = (self.blob_tail + data[-TAIL_SIZE:])[-TAIL_SIZE:]
         if self.inflater is None:
             self._emit(data)
+        elif self.gzip_error is None:
+            try:
+                self._inflate(data)
+            except zlib_impl.error as exc:
+                self.gzip_error = f"not valid gzip ({exc})"
+
+    def _inflate(self, data: bytes) -> None:
+        if self.padding:
+            if data.strip(b"\0"):
+                raise zlib_impl.error("data after the end of the gzip stream")
             return
         while data:
             if self.inflater.eof:
-                # Concatenated gzip members (pigz, some builders): start a fresh member.
-                data = self.inflater.unused_data + data
-                self.inflater = zlib_impl.decompressobj(wbits=31)
-            try:
-                chunk = self.inflater.decompress(data, INFLATE_STEP)
-            except zlib_impl.error as exc:
-                raise InvalidContent(f"layer is not valid gzip ({exc})") from None
-            self._emit(chunk)
-            data = self.inflater.unconsumed_tail
-            if self.inflater.eof and self.inflater.unused_data:
-                data = self.inflater.unused_data + data
                 if not data.strip(b"\0"):
-                    break  # zero padding after the last member, as some tools write
+                    # Zero padding after the last member, as some tools write: a member starts with 1f 8b, so
+                    # zeros here can only be padding, however the download was cut into pieces.
+                    self.padding = True
+                    return
+                # Concatenated gzip members (pigz, some builders): start a fresh member.
                 self.inflater = zlib_impl.decompressobj(wbits=31)
+            self._emit(self.inflater.decompress(data, INFLATE_STEP))
+            data = self.inflater.unused_data if self.inflater.eof else self.inflater.unconsumed_tail
 
     def finish(self) -> None:
-        if self.inflater is not None:
+        if self.inflater is not None and self.gzip_error is None:
             self._emit(self.inflater.flush())
             if not self.inflater.eof and self.blob_size:
-                raise InvalidContent("layer gzip stream ends early")
+                self.gzip_error = "a gzip stream that ends early"
 
 
 async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor, diff_id: str,
-                      progress: Progress | None = None) -> int:
+                      progress: Progress | None = None, index: int = 0) -> int:
     """Download, verify and inflate one layer into the store; returns the tar's size."""
     gzip = layer.media_type in mf.GZIP_LAYERS
-    with store.atomic_writer(store.layer_path(diff_id)) as out:
+    with tracer().start_as_current_span(f"write_layer_tar_{index}", attributes={
+            "oci.layer.index": index, "oci.layer.digest": layer.digest}) as span, \
+            store.atomic_writer(store.layer_path(diff_id)) as out:
         sink = _LayerSink(out, gzip)
         async with client.blob(layer.digest) as response:
             pending: list[bytes] = []
@@ -125,10 +147,14 @@ async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor
         if "sha256:" + sink.blob_hash.hexdigest() != layer.digest:
             raise InvalidContent(f"layer {layer.digest} does not match its digest (received {sink.blob_size} bytes); "
                                  "nothing was stored")
+        if sink.gzip_error:
+            raise InvalidContent(f"layer {layer.digest} is {sink.gzip_error}; nothing was stored")
         if "sha256:" + sink.tar_hash.hexdigest() != diff_id:
             raise InvalidContent(f"layer {layer.digest} unpacks to sha256:{sink.tar_hash.hexdigest()}, but the image "
                                  f"config says {diff_id} (invalid diff_id); nothing was stored")
-    store.link_layer(layer.digest, diff_id)
+        span.set_attribute("oci.layer.decompressed_size", sink.tar_size)
+    UPSTREAM_BYTES.inc(sink.blob_size)
+    store.link_layer(layer.digest, diff_id, sink.blob_size, sink.blob_tail)
     store.mark_seen(client.target.api_url, client.repository, layer.digest)
     return sink.tar_size
 
@@ -146,22 +172,48 @@ async def manifest_bytes(client: RegistryClient, store: Store, digest: str) -> b
 
 async def _config_bytes(client: RegistryClient, store: Store, digest: str) -> bytes:
     registry, repository = client.target.api_url, client.repository
-    data = store.get_blob(digest) if store.seen(registry, repository, digest) else None
-    if data is None:
-        data = await client.get_blob(digest)
-        store.put_blob(digest, data)
-        store.mark_seen(registry, repository, digest)
+    with tracer().start_as_current_span("fetch_config_blob", attributes={"oci.image.config.digest": digest}) as span:
+        data = store.get_blob(digest) if store.seen(registry, repository, digest) else None
+        span.set_attribute("dhp.cache.hit", data is not None)
+        if data is None:
+            data = await client.get_blob(digest)
+            store.put_blob(digest, data)
+            store.mark_seen(registry, repository, digest)
     return data
 
 
-async def _reusable(client: RegistryClient, store: Store, layer: mf.Descriptor, diff_id: str) -> bool:
+async def _possessed(client: RegistryClient, store: Store, layer: mf.Descriptor, diff_id: str) -> bool:
+    """Does this registry really hold the blob? A HEAD could be answered by anyone who read the digest in a
+    manifest; the blob's own bytes cannot: for gzip its last bytes (deflate end, CRC32 and size of the
+    content), for an uncompressed layer random windows of the stored file itself."""
+    link = store.layer_link(layer.digest) or {}
+    if layer.media_type in mf.PLAIN_LAYERS:
+        path = store.layer_path(diff_id)
+        size = path.stat().st_size
+        for _ in range(4):
+            start = secrets.randbelow(max(size - TAIL_SIZE, 1))
+            with open(path, "rb") as handle:
+                expected = os.pread(handle.fileno(), TAIL_SIZE, start)
+            if await client.blob_range(layer.digest, start, len(expected)) != expected:
+                return False
+        return True
+    size, tail = link.get("size", 0), bytes.fromhex(link.get("tail", ""))
+    if size != layer.size or len(tail) < min(TAIL_SIZE, size):
+        return False
+    return await client.blob_range(layer.digest, size - len(tail), len(tail)) == tail
+
+
+async def _reusable(client: RegistryClient, store: Store, layer: mf.Descriptor, diff_id: str,
+                    prove: bool = True) -> bool:
     """A stored layer serves this descriptor only if this very blob was verified to unpack to it, and this
-    registry confirms it holds the blob for this repository."""
+    registry proves it holds the blob for this repository (with this request's credentials). Without proof
+    the blob is downloaded and verified like any other."""
     if store.linked_diff_id(layer.digest) != diff_id or not store.layer_path(diff_id).exists():
         return False
     registry, repository = client.target.api_url, client.repository
     if not store.seen(registry, repository, layer.digest):
-        await client.head_blob(layer.digest)
+        if not prove or not await _possessed(client, store, layer, diff_id):
+            return False
         store.mark_seen(registry, repository, layer.digest)
     return True
 
@@ -183,6 +235,22 @@ def diff_ids_of(config: bytes) -> list[str]:
 
 async def prepare_image(client: RegistryClient, store: Store, manifest_digest: str, locks: Locks,
                         concurrency: int = 3, progress: Progress | None = None) -> ImageRecord:
+    attributes = {"registry.name": client.target.name, "registry.url": client.target.api_url,
+                  "container.image.name": f"{client.target.name}/{client.repository}",
+                  "oci.manifest.digest": manifest_digest,
+                  "dhp.job.id": job_id_for(image_key(client.target.api_url, client.repository, manifest_digest))}
+    started = time.monotonic()
+    JOBS_IN_FLIGHT.inc()
+    try:
+        with tracer().start_as_current_span("prepare_image", attributes=attributes):
+            return await _prepare_image(client, store, manifest_digest, locks, concurrency, progress)
+    finally:
+        JOBS_IN_FLIGHT.dec()
+        PREPARE_SECONDS.observe(time.monotonic() - started)
+
+
+async def _prepare_image(client: RegistryClient, store: Store, manifest_digest: str, locks: Locks,
+                        concurrency: int = 3, progress: Progress | None = None) -> ImageRecord:
     key = image_key(client.target.api_url, client.repository, manifest_digest)
     record = store.get_image(key)
     if record is not None:
@@ -198,23 +266,31 @@ async def prepare_image(client: RegistryClient, store: Store, manifest_digest: s
     progress.layers_total = len(manifest.layers)
     progress.bytes_total = sum(layer.size for layer in manifest.layers)
 
-    async def one(layer: mf.Descriptor, diff_id: str) -> int:
+    async def one(index: int, layer: mf.Descriptor, diff_id: str) -> int:
         async with slots:
-            fetched = False
-            if not await _reusable(client, store, layer, diff_id):
-                # Lock by blob: two jobs needing the same blob at once download it once.
-                async with locks.hold(f"blob-{layer.digest}"):
-                    if not await _reusable(client, store, layer, diff_id):
-                        await fetch_layer(client, store, layer, diff_id, progress)
-                        fetched = True
-            if not fetched:
-                progress.bytes_done += layer.size  # already stored counts as done
-            progress.layers_done += 1
-            return store.layer_path(diff_id).stat().st_size
+            attributes = {"oci.layer.index": index, "oci.layer.digest": layer.digest,
+                          "oci.layer.compressed_size": layer.size}
+            with tracer().start_as_current_span(f"download_layer_{index}", attributes=attributes) as span:
+                fetched = False
+                if not await _reusable(client, store, layer, diff_id):
+                    # Lock by blob: two jobs needing the same blob at once download it once.
+                    async with locks.hold(f"blob-{layer.digest}"):
+                        # Someone may have fetched it for this registry while we waited for the lock.
+                        if not await _reusable(client, store, layer, diff_id, prove=False):
+                            await fetch_layer(client, store, layer, diff_id, progress, index)
+                            fetched = True
+                if not fetched:
+                    progress.bytes_done += layer.size  # already stored counts as done
+                progress.layers_done += 1
+                size = store.layer_path(diff_id).stat().st_size
+                span.set_attribute("dhp.cache.hit", not fetched)
+                span.set_attribute("oci.layer.decompressed_size", size)
+                return size
 
     with leased(store, diff_ids) as leases:  # no eviction of this image's layers while it is prepared
         keeper = asyncio.create_task(_keep_fresh(leases))
-        tasks = [asyncio.create_task(one(layer, diff_id)) for layer, diff_id in zip(manifest.layers, diff_ids)]
+        tasks = [asyncio.create_task(one(index, layer, diff_id))
+                 for index, (layer, diff_id) in enumerate(zip(manifest.layers, diff_ids))]
         try:
             sizes = await asyncio.gather(*tasks)
         except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import re
 import time
 from contextlib import asynccontextmanager
@@ -17,11 +18,23 @@ from typing import AsyncIterator
 from urllib.parse import quote, urlsplit
 
 import httpx
+from opentelemetry.trace import SpanKind
 
 from shared import manifest as mf
-from shared.errors import Forbidden, InvalidContent, NotFound, PassthroughError, TimedOut, Unauthorized, Unreachable
+from shared.errors import (
+    BadRequest,
+    Forbidden,
+    InvalidContent,
+    NotFound,
+    PassthroughError,
+    TimedOut,
+    Unauthorized,
+    Unreachable,
+)
+from shared.metrics import UPSTREAM
 from shared.name import DOCKER_HUB_HOSTS
 from shared.settings import DOCKER_HUB_API, Settings
+from shared.telemetry import tracer
 
 DOCKER_HUB_TOKEN_URL = "https://auth.docker.io/token"
 DOCKER_HUB_SERVICE = "registry.docker.io"
@@ -77,12 +90,27 @@ def docker_hub_target() -> RegistryTarget:
     return RegistryTarget(DOCKER_HUB_API, "docker.io", DOCKER_HUB_TOKEN_URL, DOCKER_HUB_SERVICE)
 
 
+def _valid_host(host: str) -> bool:
+    if not _HOST_RE.match(host):
+        return False
+    if host.startswith("["):
+        address, _, rest = host[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            return False
+        port = rest[1:] if rest else None
+    else:
+        port = host.rpartition(":")[2] if ":" in host else None
+    return port is None or (port.isdigit() and 0 < int(port) < 65536)
+
+
 def target_from_url(scheme: str, host: str) -> RegistryTarget:
     """The registry named in a request path (`/registry/{scheme}/{host}/…`); host may carry a port."""
     if scheme not in ("http", "https"):
         raise ValueError(f'registry scheme must be "http" or "https", not "{scheme}"')
-    if not _HOST_RE.match(host):
-        raise ValueError(f'"{host}" is not a registry host (expected host or host:port)')
+    if not _valid_host(host):
+        raise ValueError(f'"{host}" is not a registry host (expected host or host:port, port 1-65535)')
     if host.lower() in DOCKER_HUB_HOSTS:
         return docker_hub_target()
     return RegistryTarget(f"{scheme}://{host.lower()}", host.lower())
@@ -122,6 +150,18 @@ class _Token:
 # Per process, in memory only: tokens by (realm, service, scope, identity); challenges by registry API URL.
 _token_cache: dict[tuple[str, str, str, str], _Token] = {}
 _known_challenges: dict[str, tuple[str, dict[str, str]]] = {}
+# Clients name registries and credentials, so the caches are bounded: expired tokens go first, then the oldest.
+_CACHE_LIMIT = 10_000
+
+
+def _remember(cache: dict, key: object, value: object) -> None:
+    if key not in cache and len(cache) >= _CACHE_LIMIT:
+        now = time.time()
+        for stale in [k for k, v in cache.items() if isinstance(v, _Token) and v.expires <= now]:
+            del cache[stale]
+        while len(cache) >= _CACHE_LIMIT:
+            del cache[next(iter(cache))]
+    cache[key] = value
 
 
 class RegistryClient:
@@ -164,9 +204,6 @@ class RegistryClient:
         service = self.target.service or params.get("service", "")
         return (realm, service, self.scope, self.credentials.identity if self.credentials else "")
 
-    def _url(self, kind: str, reference: str) -> str:
-        return f"{self.target.api_url}/v2/{self.repository}/{kind}/{quote(reference, safe=':@')}"
-
     async def _fetch_token(self, params: dict[str, str]) -> str:
         realm = self.target.token_url or params.get("realm")
         if not realm:
@@ -180,12 +217,21 @@ class RegistryClient:
         if service:
             query["service"] = service
         headers = {"Authorization": self.credentials.basic_header()} if self.credentials else {}
-        try:
-            response = await self.http.get(realm, params=query, headers=headers)
-        except httpx.TimeoutException:
-            raise TimedOut("the registry's token endpoint did not answer in time") from None
-        except httpx.HTTPError as exc:
-            raise Unreachable(f"the registry's token endpoint is unreachable: {type(exc).__name__}") from None
+        attributes = {**self._span_attributes("GET", realm, "{registry_token_endpoint}", "token"),
+                      "registry.auth.service": service, "registry.auth.scope_present": True,
+                      "registry.auth.type": "bearer", "registry.auth.configured": self.credentials is not None}
+        with tracer().start_as_current_span("GET {registry_token_endpoint}", kind=SpanKind.CLIENT,
+                                            attributes=attributes) as span:
+            try:
+                response = await self.http.get(realm, params=query, headers=headers)
+            except httpx.TimeoutException:
+                UPSTREAM.labels("token", "timeout").inc()
+                raise TimedOut("the registry's token endpoint did not answer in time") from None
+            except httpx.HTTPError as exc:
+                UPSTREAM.labels("token", "error").inc()
+                raise Unreachable(f"the registry's token endpoint is unreachable: {type(exc).__name__}") from None
+            UPSTREAM.labels("token", str(response.status_code)).inc()
+            span.set_attribute("http.response.status_code", response.status_code)
         if response.status_code in (401, 403):
             raise (Forbidden if self.credentials else Unauthorized)(
                 "the registry's token endpoint refused the credentials" if self.credentials
@@ -200,7 +246,7 @@ class RegistryClient:
             raise Unreachable("the registry's token endpoint sent an answer that is not JSON") from None
         if not token:
             raise Unreachable("the registry's token endpoint sent no token")
-        _token_cache[key] = _Token(token, time.time() + max(expires_in - _TOKEN_MARGIN, 1.0))
+        _remember(_token_cache, key, _Token(token, time.time() + max(expires_in - _TOKEN_MARGIN, 1.0)))
         return token
 
     async def _authorize(self, response: httpx.Response) -> bool:
@@ -208,8 +254,10 @@ class RegistryClient:
         if self.static_token:
             return False
         scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
+        if scheme not in ("bearer", "basic") and self.target.token_url and not self.target.basic_only:
+            scheme, params = "bearer", {}  # no usable challenge, but we were told where tokens come from
         if scheme in ("bearer", "basic"):
-            _known_challenges[self.target.api_url] = (scheme, params)
+            _remember(_known_challenges, self.target.api_url, (scheme, params))
         if scheme == "bearer" and not self.target.basic_only:
             if self._fresh_token:
                 return False  # a token fetched just now was refused: another one will be too
@@ -226,17 +274,50 @@ class RegistryClient:
             return Forbidden(f"the registry {self.target.name} refused the credentials for {self.repository}")
         return Unauthorized(f"the registry {self.target.name} requires credentials for {self.repository}")
 
-    async def _send(self, method: str, url: str, headers: dict[str, str], stream: bool) -> httpx.Response:
-        for _attempt in range(3):
+    def _span_attributes(self, method: str, url: str, template: str, operation: str) -> dict:
+        parts = urlsplit(url)  # our URLs never carry userinfo; the query is dropped all the same
+        return {
+            "http.request.method": method, "url.full": f"{parts.scheme}://{parts.netloc}{parts.path}",
+            "url.template": template, "url.scheme": parts.scheme, "server.address": parts.hostname or "",
+            "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+            "registry.name": self.target.name, "registry.url": self.target.api_url, "registry.operation": operation,
+            "oci.image.ref": f"{self.target.name}/{self.repository}",
+        }
+
+    async def _send(self, method: str, kind: str, reference: str, headers: dict[str, str], stream: bool,
+                    operation: str) -> httpx.Response:
+        url = f"{self.target.api_url}/v2/{self.repository}/{kind}/{quote(reference, safe=':@')}"
+        template = "/v2/{repository}/manifests/{reference}" if kind == "manifests" else "/v2/{repository}/blobs/{digest}"
+        attributes = self._span_attributes(method, url, template, operation)
+        scheme, params = self._known_challenge()
+        if self._authorization is None and scheme == "bearer" and not self.static_token:
+            # The registry wants tokens (we know its endpoint): fetch one now instead of after a 401.
+            self._authorization = f"Bearer {await self._fetch_token(params)}"
+            self._fresh_token = True
+        for attempt in range(3):
             if self._authorization:
                 headers = {**headers, "Authorization": self._authorization}
-            request = self.http.build_request(method, url, headers=headers)
-            try:
-                response = await self.http.send(request, stream=stream, follow_redirects=True)
-            except httpx.TimeoutException:
-                raise TimedOut(f"the registry {self.target.name} did not answer in time") from None
-            except httpx.HTTPError as exc:
-                raise Unreachable(f"the registry {self.target.name} is unreachable ({type(exc).__name__})") from None
+            with tracer().start_as_current_span(f"{method} {template}", kind=SpanKind.CLIENT,
+                                                attributes=attributes) as span:
+                span.set_attribute("http.request.resend_count", attempt)
+                span.set_attribute("registry.auth.type", (self._authorization or "anonymous").split(" ")[0].lower())
+                request = self.http.build_request(method, url, headers=headers)
+                try:
+                    response = await self.http.send(request, stream=stream, follow_redirects=True)
+                except httpx.InvalidURL:
+                    raise BadRequest(f"{url} is not a URL a registry can have", code="bad_registry") from None
+                except httpx.TimeoutException:
+                    UPSTREAM.labels(operation, "timeout").inc()
+                    span.set_attribute("error.type", "timeout")
+                    raise TimedOut(f"the registry {self.target.name} did not answer in time") from None
+                except httpx.HTTPError as exc:
+                    UPSTREAM.labels(operation, "error").inc()
+                    span.set_attribute("error.type", type(exc).__name__)
+                    raise Unreachable(f"the registry {self.target.name} is unreachable ({type(exc).__name__})") from None
+                UPSTREAM.labels(operation, str(response.status_code)).inc()
+                span.set_attribute("http.response.status_code", response.status_code)
+                if response.status_code >= 400:
+                    span.set_attribute("error.type", str(response.status_code))
             if response.status_code != 401:
                 self._fresh_token = False
                 return response
@@ -260,7 +341,7 @@ class RegistryClient:
     async def head_manifest(self, reference: str) -> mf.Descriptor:
         """Resolve a tag or digest without counting as a pull (Docker Hub counts GETs only)."""
         what = f"{self.repository}:{reference}" if not reference.startswith("sha256:") else f"{self.repository}@{reference}"
-        response = await self._send("HEAD", self._url("manifests", reference), {"Accept": mf.ACCEPT}, stream=False)
+        response = await self._send("HEAD", "manifests", reference, {"Accept": mf.ACCEPT}, False, "manifest_head")
         self._check(response, what)
         media_type = response.headers.get("content-type", "").split(";")[0].strip()
         digest = response.headers.get("docker-content-digest")
@@ -274,7 +355,7 @@ class RegistryClient:
 
     async def get_manifest(self, reference: str) -> tuple[bytes, str]:
         """GET a manifest; a digest reference is verified against the bytes."""
-        response = await self._send("GET", self._url("manifests", reference), {"Accept": mf.ACCEPT}, stream=False)
+        response = await self._send("GET", "manifests", reference, {"Accept": mf.ACCEPT}, False, "manifest_get")
         self._check(response, f"manifest {self.repository}@{reference}")
         data = response.content
         if reference.startswith("sha256:") and "sha256:" + hashlib.sha256(data).hexdigest() != reference:
@@ -286,23 +367,17 @@ class RegistryClient:
     @asynccontextmanager
     async def blob(self, digest: str) -> AsyncIterator[httpx.Response]:
         """An open streaming response for a blob; read it with `aiter_raw()` to hash the bytes as sent."""
-        response = await self._send("GET", self._url("blobs", digest), {}, stream=True)
+        response = await self._send("GET", "blobs", digest, {}, True, "blob_get")
         try:
             self._check(response, f"blob {digest} of {self.repository}")
             yield response
         finally:
             await response.aclose()
 
-    async def head_blob(self, digest: str) -> int:
-        """Confirm the registry holds a blob in this repository (with these credentials); returns its size."""
-        response = await self._send("HEAD", self._url("blobs", digest), {}, stream=False)
-        self._check(response, f"blob {digest} of {self.repository}")
-        return int(response.headers.get("content-length") or -1)
-
-    async def blob_tail(self, digest: str, size: int, length: int) -> bytes | None:
-        """The last `length` bytes of a blob of `size` bytes, or None if the registry ignores Range."""
-        headers = {"Range": f"bytes={size - length}-{size - 1}"}
-        response = await self._send("GET", self._url("blobs", digest), headers, stream=True)
+    async def blob_range(self, digest: str, start: int, length: int) -> bytes | None:
+        """`length` bytes of a blob from `start`, or None if the registry ignores Range."""
+        headers = {"Range": f"bytes={start}-{start + length - 1}"}
+        response = await self._send("GET", "blobs", digest, headers, True, "blob_range")
         try:
             if response.status_code != 206:
                 return None  # a 200 would be the whole blob: do not read it

@@ -5,6 +5,7 @@ Both tiers read the same variables; a bad value stops start-up with a message na
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Mapping
@@ -70,8 +71,8 @@ def _positive_number(env: Mapping[str, str], name: str, default: float, kind: ty
         value = kind(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
-    if value <= 0:
-        raise SettingsError(f"{name}={raw!r} must be greater than zero")
+    if not math.isfinite(value) or value <= 0:
+        raise SettingsError(f"{name}={raw!r} must be a finite number greater than zero")
     return value
 
 
@@ -83,8 +84,8 @@ def _non_negative(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if value < 0:
-        raise SettingsError(f"{name}={raw!r} must not be negative")
+    if not math.isfinite(value) or value < 0:
+        raise SettingsError(f"{name}={raw!r} must be a finite number, not negative")
     return value
 
 
@@ -109,7 +110,7 @@ def _byte_size(env: Mapping[str, str], name: str) -> int:
         number, unit = number + unit, ""
     try:
         value = int(float(number) * units[unit])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):
         raise SettingsError(f"{name}={raw!r} is not a size (bytes, or with K/M/G/T, e.g. 50G)") from None
     if value < 0:
         raise SettingsError(f"{name}={raw!r} must not be negative")
@@ -158,7 +159,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
 
     platform = env.get("PLATFORM") or "linux/amd64"
-    if platform.count("/") not in (1, 2):
+    if not 2 <= len(platform.split("/")) <= 3 or not all(platform.split("/")):
         raise SettingsError(f"PLATFORM={platform!r} must look like os/architecture[/variant]")
 
     return Settings(

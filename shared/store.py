@@ -3,7 +3,7 @@
     blobs/sha256/<hex>          manifests, indexes and image configs, byte for byte as the registry sent them
     layers/sha256/<hex>.tar     uncompressed layer tars, named by diff_id, shared by every image that has them
     images/<key>.json           a prepared image: which config and layers make it (written last)
-    links/<blob hex>            the diff_id a verified compressed layer blob unpacks to
+    links/<blob hex>            the diff_id a verified layer blob unpacks to, and the blob's last bytes
     seen/<hash>                 "registry R serves blob D in repository P", confirmed with a request's credentials
     tags/<hash>                 the digest a tag last resolved to, for serving stale when the registry is down
     used/<hex>, leases/<hex>.*  last use and live readers of layers, for eviction (shared/eviction.py)
@@ -121,16 +121,22 @@ class Store:
             with self.atomic_writer(path) as handle:
                 handle.write(text.encode())
 
-    def link_layer(self, blob_digest: str, diff_id: str) -> None:
-        """Record that `blob_digest` was downloaded and verified to unpack to `diff_id`."""
+    def link_layer(self, blob_digest: str, diff_id: str, blob_size: int, blob_tail: bytes) -> None:
+        """Record that `blob_digest` was downloaded and verified to unpack to `diff_id`, with the blob's last
+        bytes: asking another registry for them later proves it really holds the blob."""
         _hex(diff_id)
-        self._small_file(self.root / "links" / _hex(blob_digest), diff_id)
+        link = {"diff_id": diff_id, "size": blob_size, "tail": blob_tail.hex()}
+        self._small_file(self.root / "links" / _hex(blob_digest), json.dumps(link, sort_keys=True))
 
-    def linked_diff_id(self, blob_digest: str) -> str | None:
+    def layer_link(self, blob_digest: str) -> dict | None:
         try:
-            return (self.root / "links" / _hex(blob_digest)).read_text()
+            return json.loads((self.root / "links" / _hex(blob_digest)).read_text())
         except FileNotFoundError:
             return None
+
+    def linked_diff_id(self, blob_digest: str) -> str | None:
+        link = self.layer_link(blob_digest)
+        return link["diff_id"] if link else None
 
     def _seen_path(self, registry: str, repository: str, digest: str) -> Path:
         return self.root / "seen" / hashlib.sha256(f"{registry}\n{repository}\n{digest}".encode()).hexdigest()
@@ -194,6 +200,15 @@ class Store:
 
     def layer_files(self, record: ImageRecord) -> list[LayerFile]:
         return [LayerFile(layer.diff_id, layer.size, str(self.layer_path(layer.diff_id))) for layer in record.layers]
+
+    def layer_bytes(self) -> int:
+        total = 0
+        for path in (self.root / "layers" / "sha256").iterdir():
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
 
     # --- housekeeping
     def sweep_partials(self, min_age: float = 900.0) -> int:

@@ -8,17 +8,26 @@ import logging
 import threading
 
 import redis.asyncio as aioredis
+from opentelemetry import context as otel_context
 from rq import get_current_job
 
 from shared.errors import PassthroughError
-from shared.jobs import (CREDENTIAL_SOURCES, JobSpec, credentials_key, heartbeat_key, outcome_key, progress_key,
-                         unseal_credentials)
 from shared.eviction import evict
+from shared.jobs import (
+    CREDENTIAL_SOURCES,
+    JobSpec,
+    credentials_key,
+    heartbeat_key,
+    outcome_key,
+    progress_key,
+    unseal_credentials,
+)
 from shared.locks import RedisLocks
 from shared.prepare import Progress, prepare_image
 from shared.registry import Credentials, RegistryClient, new_http_client
 from shared.settings import Settings, load_settings
 from shared.store import Store
+from shared.telemetry import extract_context, flush_tracing, setup_tracing
 
 log = logging.getLogger("docker_http_passthrough.worker")
 
@@ -55,18 +64,19 @@ async def _prepare(settings: Settings, spec: JobSpec, credentials: Credentials |
         await redis.aclose()
 
 
-def _beat(connection, job_id: str, progress: Progress, stop: threading.Event, ttl: int) -> None:
+def _beat(connection, job_id: str, progress: Progress, stop: threading.Event, ttl_ms: int) -> None:
     """Tell waiting API processes the job is alive, and how far it is."""
     while not stop.is_set():
         try:
             pipe = connection.pipeline()
-            pipe.set(heartbeat_key(job_id), "1", ex=ttl)
+            # The key lives WORKER_LOST_TIMEOUT: it exists exactly while this job beat within that time.
+            pipe.set(heartbeat_key(job_id), "1", px=ttl_ms)
             pipe.hset(progress_key(job_id), mapping=progress.as_dict())
-            pipe.expire(progress_key(job_id), ttl)
+            pipe.pexpire(progress_key(job_id), ttl_ms + 60_000)
             pipe.execute()
         except Exception:  # a Redis hiccup must not kill the job; the API tolerates a missed beat
             log.warning("heartbeat to Redis failed", exc_info=True)
-        stop.wait(HEARTBEAT_EVERY)
+        stop.wait(min(HEARTBEAT_EVERY, ttl_ms / 3000))
 
 
 def prepare(target: dict, repository: str, manifest_digest: str, credential_source: str) -> dict:
@@ -77,11 +87,14 @@ def prepare(target: dict, repository: str, manifest_digest: str, credential_sour
     connection = job.connection
     spec = JobSpec(target, repository, manifest_digest, credential_source)
     stop = threading.Event()
-    beat_ttl = max(int(settings.worker_lost_timeout / 2), 10)
+    beat_ttl = int(settings.worker_lost_timeout * 1000)
     progress = Progress()
     beat = threading.Thread(target=_beat, args=(connection, job.id, progress, stop, beat_ttl), daemon=True)
     beat.start()
     outcome: dict = {"ok": True}
+    setup_tracing("worker")
+    # The API's trace context rides in the job's meta: our spans continue the request's trace.
+    token_ctx = otel_context.attach(extract_context(job.meta.get("trace")))
     try:
         sealed = connection.get(credentials_key(job.id))
         credentials, token = _credentials(settings, spec, sealed)
@@ -95,6 +108,8 @@ def prepare(target: dict, repository: str, manifest_digest: str, credential_sour
                    "message": f"preparing the image failed: {type(exc).__name__}: {exc}"}
         raise
     finally:
+        otel_context.detach(token_ctx)
+        flush_tracing()  # the work horse exits with os._exit(): nothing buffered would survive
         stop.set()
         beat.join(timeout=2)
         pipe = connection.pipeline()

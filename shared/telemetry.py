@@ -1,0 +1,108 @@
+"""Traces (OpenTelemetry) and log format, the same for both tiers.
+
+Tracing is on only when OTEL_EXPORTER_OTLP_ENDPOINT is set (OTLP gRPC); otherwise the API's no-op tracer is
+used and spans cost next to nothing. Trace context crosses the API → job → worker hop in the job's meta.
+No span attribute ever carries a secret: URLs are built without userinfo or query, no headers are recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Mapping
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, Span, Status, StatusCode
+
+TRACER_NAME = "docker_http_passthrough"
+DEFAULT_SERVICE_NAME = "docker-http-passthrough"
+
+_provider_pid: int | None = None
+
+
+def setup_tracing(role: str, env: Mapping[str, str] | None = None) -> bool:
+    """Install an OTLP exporter if configured; once per process (a forked RQ job process sets up its own)."""
+    global _provider_pid
+    env = os.environ if env is None else env
+    endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not endpoint or _provider_pid == os.getpid():
+        return _provider_pid == os.getpid()
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME,
+                                "service.namespace": DEFAULT_SERVICE_NAME, "dhp.tier": role})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))))
+    trace.set_tracer_provider(provider)
+    _provider_pid = os.getpid()
+    return True
+
+
+def flush_tracing(timeout_ms: int = 5000) -> None:
+    """RQ's work horse leaves with os._exit(): buffered spans must be sent before."""
+    provider = trace.get_tracer_provider()
+    flush = getattr(provider, "force_flush", None)
+    if flush is not None:
+        flush(timeout_ms)
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(TRACER_NAME)
+
+
+def inject_context() -> dict[str, str]:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+def extract_context(carrier: Mapping[str, str] | None):
+    return propagate.extract(dict(carrier or {}))
+
+
+def link_to(carrier: Mapping[str, str] | None) -> list[Link]:
+    """A link to the span whose context is in `carrier` (the request that started a shared job)."""
+    context = trace.get_current_span(extract_context(carrier)).get_span_context()
+    return [Link(context)] if context.is_valid else []
+
+
+def record_error(span: Span, exc: BaseException) -> None:
+    code = getattr(exc, "code", None)
+    span.set_attribute("error.type", code or type(exc).__name__)
+    span.set_status(Status(StatusCode.ERROR, getattr(exc, "message", None) or type(exc).__name__))
+
+
+def current_trace_id() -> str | None:
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; `extra={"fields": {...}}` adds structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}) or {})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: int, json_format: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if json_format else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # httpx logs every request at INFO; our own lines say what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,0 +1,500 @@
+"""Unit tests for shared.prepare: layer inflation and verification, reuse rules, and download de-duplication.
+
+The registry is an in-memory fake behind httpx.MockTransport (any host name serves the same content unless told
+otherwise) that counts requests by (host, method, digest); the store is a tmp directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import json
+import re
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+import shared.prepare as prepare
+import shared.registry as registry
+from shared import manifest as mf
+from shared.errors import InvalidContent, NotFound
+from shared.locks import LocalLocks
+from shared.prepare import _LayerSink, fetch_layer, image_key, prepare_image
+from shared.registry import RegistryClient, RegistryTarget
+from shared.store import TEMP_MARK, Store
+
+GZIP_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+OCI_GZIP_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
+PLAIN_TYPE = "application/vnd.oci.image.layer.v1.tar"
+REPO = "team/app"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+    registry._token_cache.clear()
+    registry._known_challenges.clear()
+    yield
+    registry._token_cache.clear()
+    registry._known_challenges.clear()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "cache")
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def gz(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+def make_tar(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+TAR_A = make_tar({"etc/a": b"alpha\n" * 300})
+TAR_B = make_tar({"bin/b": bytes(range(256)) * 20})
+# pigz -p / some builders: one tar split over two concatenated gzip members.
+MULTI_TAR = TAR_A + TAR_B
+MULTI_BLOB = gz(TAR_A) + gz(TAR_B)
+
+
+def layer_files(store: Store) -> list[Path]:
+    return sorted((store.root / "layers" / "sha256").iterdir())
+
+
+def partials(store: Store) -> list[Path]:
+    return [p for p in store.root.rglob("*") if TEMP_MARK in p.name]
+
+
+class Chunks(httpx.AsyncByteStream):
+    def __init__(self, data: bytes, size: int):
+        self.data, self.size = data, size
+
+    async def __aiter__(self):
+        for i in range(0, len(self.data), self.size):
+            yield self.data[i:i + self.size]
+
+
+class Layer:
+    def __init__(self, blob: bytes, diff_id: str, media_type: str = GZIP_TYPE, size: int | None = None):
+        self.blob, self.diff_id, self.media_type = blob, diff_id, media_type
+        self.descriptor = mf.Descriptor(media_type, sha(blob), len(blob) if size is None else size)
+
+    @classmethod
+    def gzipped(cls, tar: bytes, media_type: str = GZIP_TYPE) -> "Layer":
+        return cls(gz(tar), sha(tar), media_type)
+
+
+class Image:
+    def __init__(self, layers: list[Layer], label: str = "x", diff_ids: list[str] | None = None):
+        self.layers = layers
+        self.config = json.dumps({
+            "architecture": "amd64", "os": "linux", "config": {"Labels": {"l": label}},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids or [layer.diff_id for layer in layers]},
+        }).encode()
+        self.manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": mf.DOCKER_MANIFEST,
+            "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                       "digest": sha(self.config), "size": len(self.config)},
+            "layers": [{"mediaType": layer.media_type, "digest": layer.descriptor.digest, "size": layer.descriptor.size}
+                       for layer in layers],
+        }).encode()
+        self.digest = sha(self.manifest)
+
+
+_PATH_RE = re.compile(r"^/v2/(?P<repo>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
+
+
+class FakeRegistry:
+    def __init__(self, chunk: int = 4096, blob_delay: float = 0.0):
+        self.content: dict[str, bytes] = {}
+        self.missing: set[tuple[str, str]] = set()  # (host, digest) this registry does not hold
+        # (host, digest) → bytes a lying registry serves for ranges of a blob it does not really hold
+        self.forged_ranges: dict[tuple[str, str], bytes] = {}
+        self.requests: list[httpx.Request] = []
+        self.chunk = chunk
+        self.blob_delay = blob_delay
+
+    def add(self, *images: Image) -> None:
+        for image in images:
+            self.content[image.digest] = image.manifest
+            self.content[sha(image.config)] = image.config
+            for layer in image.layers:
+                self.content[layer.descriptor.digest] = layer.blob
+
+    def serve(self, digest: str, data: bytes) -> None:
+        self.content[digest] = data
+
+    def count(self, method: str, digest: str, host: str | None = None) -> int:
+        return sum(1 for r in self.requests if r.method == method and r.url.path.endswith("/" + digest)
+                   and (host is None or r.url.host == host))
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        match = _PATH_RE.match(request.url.path)
+        if not match or match["repo"] != REPO:
+            return httpx.Response(404)
+        ref = match["ref"]
+        data = self.content.get(ref)
+        if data is None or (request.url.host, ref) in self.missing:
+            return httpx.Response(404)
+        headers = {"Content-Length": str(len(data)), "Docker-Content-Digest": ref}
+        if match["kind"] == "manifests":
+            headers["Content-Type"] = mf.DOCKER_MANIFEST
+        if request.method == "HEAD":
+            return httpx.Response(200, headers=headers)
+        if match["kind"] == "blobs" and self.blob_delay:
+            await asyncio.sleep(self.blob_delay)
+        wanted = request.headers.get("range")
+        if match["kind"] == "blobs" and wanted:
+            start, end = (int(n) for n in wanted.removeprefix("bytes=").split("-"))
+            part = self.forged_ranges.get((request.url.host, ref), data)[start:end + 1]
+            return httpx.Response(206, headers={"Content-Range": f"bytes {start}-{end}/{len(data)}"}, content=part)
+        return httpx.Response(200, headers=headers, stream=Chunks(data, self.chunk))
+
+    def ranged(self, digest: str, host: str) -> int:
+        return sum(1 for r in self.requests if r.method == "GET" and r.url.path.endswith("/" + digest)
+                   and r.url.host == host and "range" in r.headers)
+
+    def http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.MockTransport(self.handle))
+
+
+def client(http: httpx.AsyncClient, host: str = "reg.example") -> RegistryClient:
+    return RegistryClient(http, RegistryTarget(f"https://{host}", host), REPO)
+
+
+# --- _LayerSink
+
+
+def run_sink(blob: bytes, cuts: list[int] = ()) -> tuple[bytes, str | None, _LayerSink]:
+    """Feed `blob` split at `cuts`, then finish. Returns (tar bytes, refusal, sink): the refusal however the sink
+    reports it, raised (InvalidContent) or remembered for fetch_layer (`gzip_error`)."""
+    out = io.BytesIO()
+    sink = _LayerSink(out, gzip=True)
+    try:
+        previous = 0
+        for cut in [*cuts, len(blob)]:
+            sink.feed(blob[previous:cut])
+            previous = cut
+        sink.finish()
+    except InvalidContent as exc:
+        return out.getvalue(), str(exc), sink
+    return out.getvalue(), getattr(sink, "gzip_error", None), sink
+
+
+@pytest.mark.parametrize("step", [len(MULTI_BLOB), 4096, 7, 1])
+def test_sink_inflates_concatenated_gzip_members(step: int):
+    tar, error, sink = run_sink(MULTI_BLOB, list(range(step, len(MULTI_BLOB), step)))
+    assert error is None
+    assert tar == MULTI_TAR
+    assert "sha256:" + sink.tar_hash.hexdigest() == sha(MULTI_TAR)
+    assert "sha256:" + sink.blob_hash.hexdigest() == sha(MULTI_BLOB)
+    assert (sink.blob_size, sink.tar_size) == (len(MULTI_BLOB), len(MULTI_TAR))
+
+
+def test_sink_inflates_multi_member_at_every_split_point():
+    for split in range(len(MULTI_BLOB) + 1):
+        tar, error, _ = run_sink(MULTI_BLOB, [split])
+        assert (tar, error) == (MULTI_TAR, None), split
+
+
+def test_sink_accepts_trailing_zero_padding_wherever_the_feeds_split():
+    """The sink accepts zeros after the last member (as some tools write); that must not depend on where the
+    network happened to split the bytes into feeds."""
+    blob = gz(TAR_A) + b"\0" * 64
+    assert run_sink(blob)[:2] == (TAR_A, None)  # accepted in one feed
+    failures = []
+    for split in range(len(blob) + 1):
+        tar, error, _ = run_sink(blob, [split])
+        if error is not None or tar != TAR_A:
+            failures.append((split, error))
+    assert failures == [], f"{len(failures)} of {len(blob) + 1} split points fail, first: {failures[:1]}"
+
+
+def test_sink_bounds_each_inflate_step(monkeypatch):
+    monkeypatch.setattr(prepare, "INFLATE_STEP", 64 << 10)
+    bomb = b"\0" * (3 << 20)
+    writes: list[int] = []
+
+    class Out:
+        def write(self, data: bytes) -> None:
+            writes.append(len(data))
+
+    sink = _LayerSink(Out(), gzip=True)
+    sink.feed(gz(bomb) + gz(b"tail"))
+    sink.finish()
+    assert getattr(sink, "gzip_error", None) is None
+    assert sum(writes) == len(bomb) + 4
+    assert max(writes) <= 64 << 10
+    assert "sha256:" + sink.tar_hash.hexdigest() == sha(bomb + b"tail")
+
+
+TRUNCATIONS = {
+    "middle": lambda: gz(TAR_A)[: len(gz(TAR_A)) // 2],
+    "trailer": lambda: gz(TAR_A)[:-4],  # deflate data complete, CRC/size missing
+    "second_member": lambda: MULTI_BLOB[: len(gz(TAR_A)) + 30],
+}
+
+
+@pytest.mark.parametrize("cut", sorted(TRUNCATIONS))
+def test_sink_refuses_truncated_gzip(cut: str):
+    blob = TRUNCATIONS[cut]()
+    for cuts in ([], [len(blob) // 3]):
+        _, error, _ = run_sink(blob, cuts)
+        assert error is not None, (cut, cuts)
+
+
+def test_sink_refuses_garbage_after_last_member():
+    _, error, _ = run_sink(gz(TAR_A) + b"not gzip at all")
+    assert error is not None
+
+
+# --- fetch_layer
+
+
+@pytest.mark.anyio
+async def test_fetch_layer_multi_member_gzip(store: Store):
+    fake = FakeRegistry(chunk=333)
+    layer = Layer(MULTI_BLOB, sha(MULTI_TAR))
+    fake.serve(layer.descriptor.digest, MULTI_BLOB)
+    async with fake.http() as http:
+        size = await fetch_layer(client(http), store, layer.descriptor, layer.diff_id)
+    assert size == len(MULTI_TAR)
+    assert store.layer_path(layer.diff_id).read_bytes() == MULTI_TAR
+    assert store.linked_diff_id(layer.descriptor.digest) == layer.diff_id
+    assert store.seen("https://reg.example", REPO, layer.descriptor.digest)
+    assert partials(store) == []
+
+
+@pytest.mark.anyio
+async def test_fetch_layer_zero_padding_across_feed_boundary(store: Store, monkeypatch):
+    """Same as the sink test above, through the real download path: the padding straddles two feeds."""
+    monkeypatch.setattr(prepare, "FEED_SIZE", 64)
+    member = gz(TAR_A)
+    blob = member + b"\0" * 100
+    layer = Layer(blob, sha(TAR_A))
+    fake = FakeRegistry(chunk=len(member))  # the first feed ends exactly after the member
+    fake.serve(layer.descriptor.digest, blob)
+    async with fake.http() as http:
+        await fetch_layer(client(http), store, layer.descriptor, layer.diff_id)
+    assert store.layer_path(layer.diff_id).read_bytes() == TAR_A
+
+
+def _assert_nothing_stored(store: Store, layer: Layer) -> None:
+    assert layer_files(store) == []
+    assert partials(store) == []
+    assert store.linked_diff_id(layer.descriptor.digest) is None
+    assert not store.seen("https://reg.example", REPO, layer.descriptor.digest)
+
+
+@pytest.mark.parametrize("cut", sorted(TRUNCATIONS))
+@pytest.mark.anyio
+async def test_fetch_layer_truncated_gzip(store: Store, cut: str):
+    blob = TRUNCATIONS[cut]()
+    # The descriptor matches the truncated bytes, so only the gzip check can notice.
+    layer = Layer(blob, sha(MULTI_TAR if cut == "second_member" else TAR_A))
+    fake = FakeRegistry()
+    fake.serve(layer.descriptor.digest, blob)
+    async with fake.http() as http:
+        with pytest.raises(InvalidContent) as info:
+            await fetch_layer(client(http), store, layer.descriptor, layer.diff_id)
+    assert info.value.status == 502
+    _assert_nothing_stored(store, layer)
+
+
+@pytest.mark.anyio
+async def test_fetch_layer_blob_digest_mismatch(store: Store):
+    layer = Layer.gzipped(TAR_A)
+    other = gz(TAR_B)
+    fake = FakeRegistry()
+    fake.serve(layer.descriptor.digest, other)  # wrong bytes under the right name
+    # diff_id of what is actually sent, so only the blob digest check can notice.
+    descriptor = mf.Descriptor(GZIP_TYPE, layer.descriptor.digest, len(other))
+    async with fake.http() as http:
+        with pytest.raises(InvalidContent) as info:
+            await fetch_layer(client(http), store, descriptor, sha(TAR_B))
+    assert "digest" in info.value.message
+    _assert_nothing_stored(store, layer)
+    assert not store.has_layer(sha(TAR_B))
+
+
+@pytest.mark.anyio
+async def test_fetch_layer_diff_id_mismatch(store: Store):
+    layer = Layer(gz(TAR_A), sha(TAR_B))  # the config claims another tar
+    fake = FakeRegistry()
+    fake.serve(layer.descriptor.digest, layer.blob)
+    async with fake.http() as http:
+        with pytest.raises(InvalidContent) as info:
+            await fetch_layer(client(http), store, layer.descriptor, layer.diff_id)
+    assert "diff_id" in info.value.message
+    _assert_nothing_stored(store, layer)
+    assert not store.has_layer(sha(TAR_A)) and not store.has_layer(sha(TAR_B))
+
+
+@pytest.mark.anyio
+async def test_fetch_layer_blob_longer_than_descriptor(store: Store):
+    blob = gz(TAR_A)
+    layer = Layer(blob, sha(TAR_A), size=len(blob) - 10)  # digest and diff_id would verify
+    fake = FakeRegistry(chunk=50)
+    fake.serve(layer.descriptor.digest, blob)
+    async with fake.http() as http:
+        with pytest.raises(InvalidContent) as info:
+            await fetch_layer(client(http), store, layer.descriptor, layer.diff_id)
+    assert "longer" in info.value.message
+    _assert_nothing_stored(store, layer)
+
+
+@pytest.mark.anyio
+async def test_fetch_layer_uncompressed_passes_through(store: Store):
+    layer = Layer(TAR_B, sha(TAR_B), PLAIN_TYPE)
+    fake = FakeRegistry(chunk=1000)
+    fake.serve(layer.descriptor.digest, TAR_B)
+    async with fake.http() as http:
+        size = await fetch_layer(client(http), store, layer.descriptor, layer.diff_id)
+    assert size == len(TAR_B)
+    assert store.layer_path(layer.diff_id).read_bytes() == TAR_B
+    # A gzip blob declared as plain is stored as sent, so its diff_id must be the blob's own digest.
+    gz_as_plain = Layer(gz(TAR_A), sha(TAR_A), PLAIN_TYPE)
+    fake.serve(gz_as_plain.descriptor.digest, gz_as_plain.blob)
+    async with fake.http() as http:
+        with pytest.raises(InvalidContent):
+            await fetch_layer(client(http), store, gz_as_plain.descriptor, gz_as_plain.diff_id)
+    assert not store.has_layer(sha(TAR_A))
+
+
+# --- prepare_image
+
+
+@pytest.mark.anyio
+async def test_prepare_image_stores_and_then_serves_from_store(store: Store):
+    image = Image([Layer(MULTI_BLOB, sha(MULTI_TAR), OCI_GZIP_TYPE), Layer(TAR_B, sha(TAR_B), PLAIN_TYPE)])
+    fake = FakeRegistry()
+    fake.add(image)
+    async with fake.http() as http:
+        record = await prepare_image(client(http), store, image.digest, LocalLocks())
+        assert [(l.diff_id, l.size, l.digest) for l in record.layers] == [
+            (sha(MULTI_TAR), len(MULTI_TAR), sha(MULTI_BLOB)), (sha(TAR_B), len(TAR_B), sha(TAR_B))]
+        assert record.config_digest == sha(image.config)
+        assert store.get_image(image_key("https://reg.example", REPO, image.digest)) == record
+        assert Counter(r.method for r in fake.requests) == {"GET": 4}
+        before = len(fake.requests)
+        again = await prepare_image(client(http), store, image.digest, LocalLocks())
+    assert again == record
+    assert len(fake.requests) == before
+
+
+@pytest.mark.anyio
+async def test_linked_layer_from_another_registry_is_proven_with_its_tail_not_downloaded(store: Store):
+    shared_layer = Layer.gzipped(TAR_A)
+    image = Image([shared_layer])
+    fake = FakeRegistry()
+    fake.add(image)
+    async with fake.http() as http:
+        await prepare_image(client(http, "first.example"), store, image.digest, LocalLocks())
+        assert fake.count("GET", shared_layer.descriptor.digest) == 1
+        record = await prepare_image(client(http, "second.example"), store, image.digest, LocalLocks())
+    digest = shared_layer.descriptor.digest
+    assert fake.ranged(digest, "second.example") == 1  # the blob's last bytes, as proof it holds the blob
+    assert fake.count("GET", digest, "second.example") == 1  # that ranged GET, and no full download
+    assert store.seen("https://second.example", REPO, digest)
+    assert record.registry == "https://second.example"
+    assert [l.diff_id for l in record.layers] == [shared_layer.diff_id]
+
+
+@pytest.mark.anyio
+async def test_registry_that_only_knows_the_digest_cannot_prove_it_holds_the_blob(store: Store):
+    """Answering HEAD 200 (anyone who read a manifest can) is not enough: the forged tail fails the proof, the
+    blob is then downloaded for real and fails its digest check. The stored layer is never handed out."""
+    shared_layer = Layer.gzipped(TAR_A)
+    image = Image([shared_layer])
+    fake = FakeRegistry()
+    fake.add(image)
+    digest = shared_layer.descriptor.digest
+    fake.forged_ranges[("second.example", digest)] = bytes(len(shared_layer.blob))
+    async with fake.http() as http:
+        await prepare_image(client(http, "first.example"), store, image.digest, LocalLocks())
+        fake.content[digest] = bytes(len(shared_layer.blob))  # what the liar serves in full
+        with pytest.raises(InvalidContent):
+            await prepare_image(client(http, "second.example"), store, image.digest, LocalLocks())
+    assert fake.ranged(digest, "second.example") == 1
+    assert not store.seen("https://second.example", REPO, digest)
+    assert store.get_image(image_key("https://second.example", REPO, image.digest)) is None
+
+
+@pytest.mark.anyio
+async def test_linked_layer_is_not_served_when_this_registry_lacks_the_blob(store: Store):
+    shared_layer = Layer.gzipped(TAR_A)
+    image = Image([shared_layer])
+    fake = FakeRegistry()
+    fake.add(image)
+    fake.missing.add(("second.example", shared_layer.descriptor.digest))
+    async with fake.http() as http:
+        await prepare_image(client(http, "first.example"), store, image.digest, LocalLocks())
+        with pytest.raises(NotFound):
+            await prepare_image(client(http, "second.example"), store, image.digest, LocalLocks())
+    assert fake.count("GET", shared_layer.descriptor.digest, "second.example") >= 1
+    assert not store.seen("https://second.example", REPO, shared_layer.descriptor.digest)
+    assert store.get_image(image_key("https://second.example", REPO, image.digest)) is None
+
+
+@pytest.mark.anyio
+async def test_stored_but_unlinked_layer_is_never_served_for_another_blob(store: Store):
+    private = Layer.gzipped(TAR_A)
+    legit = Image([private], label="private")
+    # The attacker names the private diff_id but can only serve other bytes under their own blob digest.
+    evil_blob = gz(b"attacker tar" * 100)
+    attack = Image([Layer(evil_blob, private.diff_id)], label="attack")
+    fake = FakeRegistry()
+    fake.add(legit, attack)
+    async with fake.http() as http:
+        await prepare_image(client(http, "private.example"), store, legit.digest, LocalLocks())
+        with pytest.raises(InvalidContent) as info:
+            await prepare_image(client(http, "evil.example"), store, attack.digest, LocalLocks())
+    assert "diff_id" in info.value.message
+    assert fake.count("GET", sha(evil_blob), "evil.example") == 1
+    assert fake.count("HEAD", private.descriptor.digest, "evil.example") == 0
+    assert store.layer_path(private.diff_id).read_bytes() == TAR_A  # untouched
+    assert store.linked_diff_id(sha(evil_blob)) is None
+    assert store.get_image(image_key("https://evil.example", REPO, attack.digest)) is None
+    assert partials(store) == []
+
+
+@pytest.mark.anyio
+async def test_concurrent_preparations_download_a_shared_blob_once(store: Store):
+    base = Layer.gzipped(TAR_A)
+    one = Image([base, Layer.gzipped(make_tar({"one": b"1" * 999}))], label="one")
+    two = Image([base, Layer.gzipped(make_tar({"two": b"2" * 999}))], label="two")
+    fake = FakeRegistry(blob_delay=0.05)
+    fake.add(one, two)
+    locks = LocalLocks()
+    async with fake.http() as http:
+        first, second = await asyncio.gather(
+            prepare_image(client(http), store, one.digest, locks),
+            prepare_image(client(http), store, two.digest, locks))
+    assert fake.count("GET", base.descriptor.digest) == 1
+    assert fake.count("GET", one.layers[1].descriptor.digest) == 1
+    assert fake.count("GET", two.layers[1].descriptor.digest) == 1
+    assert first.layers[0] == second.layers[0]
+    assert store.layer_path(base.diff_id).read_bytes() == TAR_A
+    assert locks._locks == {}  # nothing left behind

@@ -1,0 +1,155 @@
+"""Unit tests for shared.settings.load_settings: defaults, every variable, and refusals naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.settings import DOCKER_HUB_API, Settings, SettingsError, load_settings
+
+
+def test_defaults():
+    s = load_settings({})
+    assert s == Settings()
+    assert s.registry_url == DOCKER_HUB_API == "https://registry-1.docker.io"
+    assert s.registry_name == ""
+    assert s.registry_auth_url is None and s.registry_service is None
+    assert s.registry_username is None and s.registry_password is None and s.registry_bearer_token is None
+    assert s.registry_client_auth == "optional"
+    assert s.registry_default_namespace is None
+    assert s.redis_url is None and not s.two_tier
+    assert s.cache_dir == "./cache"
+    assert s.queue_name == "docker-http-passthrough"
+    assert s.credentials_key is None
+    assert s.platform == "linux/amd64"
+    assert s.job_timeout == 14400
+    assert s.prepare_timeout == 3600.0
+    assert s.worker_lost_timeout == 60.0
+    assert s.upstream_timeout == 30.0
+    assert s.layer_concurrency == 3
+
+
+def test_empty_values_mean_defaults():
+    env = {name: "" for name in ("REGISTRY_URL", "REGISTRY_NAME", "REGISTRY_SERVICE", "REGISTRY_USERNAME",
+                                 "REGISTRY_PASSWORD", "REGISTRY_BEARER_TOKEN", "REGISTRY_CLIENT_AUTH",
+                                 "REGISTRY_DEFAULT_NAMESPACE", "REDIS_URL", "CACHE_DIR", "QUEUE_NAME",
+                                 "CREDENTIALS_KEY", "PLATFORM", "PREPARE_TIMEOUT", "WORKER_LOST_TIMEOUT",
+                                 "JOB_TIMEOUT", "UPSTREAM_TIMEOUT", "LAYER_CONCURRENCY")}
+    assert load_settings(env) == Settings()
+
+
+def test_every_variable_is_parsed():
+    s = load_settings({
+        "REGISTRY_URL": "http://registry.internal:5000/",
+        "REGISTRY_NAME": "registry.corp.example",
+        "REGISTRY_AUTH_URL": "https://auth.internal/token",
+        "REGISTRY_SERVICE": "internal-registry",
+        "REGISTRY_USERNAME": "svc",
+        "REGISTRY_PASSWORD": "svc-password",
+        "REGISTRY_BEARER_TOKEN": "static-token",
+        "REGISTRY_CLIENT_AUTH": " Required ",
+        "REGISTRY_DEFAULT_NAMESPACE": "team/base",
+        "REDIS_URL": "redis://redis:6379/0",
+        "CACHE_DIR": "/srv/cache",
+        "QUEUE_NAME": "q1",
+        "CREDENTIALS_KEY": "a long random secret",
+        "PLATFORM": "linux/arm64/v8",
+        "PREPARE_TIMEOUT": "12.5",
+        "WORKER_LOST_TIMEOUT": "7",
+        "JOB_TIMEOUT": "99",
+        "UPSTREAM_TIMEOUT": "3.5",
+        "LAYER_CONCURRENCY": "8",
+    })
+    assert s.registry_url == "http://registry.internal:5000"
+    assert s.registry_name == "registry.corp.example"
+    assert s.registry_auth_url == "https://auth.internal/token"
+    assert s.registry_service == "internal-registry"
+    assert (s.registry_username, s.registry_password) == ("svc", "svc-password")
+    assert s.registry_bearer_token == "static-token"
+    assert s.registry_client_auth == "required"
+    assert s.registry_default_namespace == "team/base"
+    assert s.redis_url == "redis://redis:6379/0" and s.two_tier
+    assert s.cache_dir == "/srv/cache"
+    assert s.queue_name == "q1"
+    assert s.credentials_key == "a long random secret"
+    assert s.platform == "linux/arm64/v8"
+    assert s.prepare_timeout == 12.5
+    assert s.worker_lost_timeout == 7.0
+    assert s.job_timeout == 99 and isinstance(s.job_timeout, int)
+    assert s.upstream_timeout == 3.5
+    assert s.layer_concurrency == 8 and isinstance(s.layer_concurrency, int)
+
+
+def test_cache_and_serving_variables():
+    s = load_settings({"ERROR_CACHE_SECONDS": "0", "SERVE_STALE": "no", "PREPARE_GRACE": "2.5",
+                       "CACHE_MAX_BYTES": "50G"})
+    assert (s.error_cache_seconds, s.serve_stale, s.prepare_grace, s.cache_max_bytes) == (0.0, False, 2.5, 50 << 30)
+    assert load_settings({"SERVE_STALE": "TRUE"}).serve_stale is True
+    for raw, expected in (("1024", 1024), ("10MiB", 10 << 20), ("1k", 1 << 10), ("2T", 2 << 40), ("", 0)):
+        assert load_settings({"CACHE_MAX_BYTES": raw}).cache_max_bytes == expected, raw
+
+
+@pytest.mark.parametrize("mode", ["optional", "required", "off", "OFF"])
+def test_client_auth_modes(mode):
+    assert load_settings({"REGISTRY_CLIENT_AUTH": mode}).registry_client_auth == mode.lower()
+
+
+@pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://h:6380", "unix:///run/redis.sock"])
+def test_redis_url_schemes(url):
+    assert load_settings({"REDIS_URL": url}).redis_url == url
+
+
+def test_registry_token_alias():
+    assert load_settings({"REGISTRY_TOKEN": "alias-token"}).registry_bearer_token == "alias-token"
+    both = load_settings({"REGISTRY_TOKEN": "alias-token", "REGISTRY_BEARER_TOKEN": "main-token"})
+    assert both.registry_bearer_token == "main-token"
+
+
+def test_registry_auth_url_unset_vs_empty():
+    assert load_settings({}).registry_auth_url is None
+    assert load_settings({"REGISTRY_AUTH_URL": ""}).registry_auth_url == ""
+    assert load_settings({"REGISTRY_AUTH_URL": "https://a.example/token/"}).registry_auth_url == "https://a.example/token"
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"REGISTRY_CLIENT_AUTH": "maybe"}, "REGISTRY_CLIENT_AUTH"),
+    ({"REGISTRY_URL": "ftp://x"}, "REGISTRY_URL"),
+    ({"REGISTRY_URL": "registry.example.com"}, "REGISTRY_URL"),
+    ({"REGISTRY_URL": "https://"}, "REGISTRY_URL"),
+    ({"REGISTRY_AUTH_URL": "ftp://auth.example/token"}, "REGISTRY_AUTH_URL"),
+    ({"REGISTRY_USERNAME": "only-me"}, "REGISTRY_USERNAME"),
+    ({"REGISTRY_PASSWORD": "only-pw"}, "REGISTRY_PASSWORD"),
+    ({"PREPARE_TIMEOUT": "-1"}, "PREPARE_TIMEOUT"),
+    ({"PREPARE_TIMEOUT": "0"}, "PREPARE_TIMEOUT"),
+    ({"PREPARE_TIMEOUT": "abc"}, "PREPARE_TIMEOUT"),
+    ({"PREPARE_TIMEOUT": "nan"}, "PREPARE_TIMEOUT"),
+    ({"WORKER_LOST_TIMEOUT": "-5"}, "WORKER_LOST_TIMEOUT"),
+    ({"UPSTREAM_TIMEOUT": "soon"}, "UPSTREAM_TIMEOUT"),
+    ({"JOB_TIMEOUT": "1.5"}, "JOB_TIMEOUT"),
+    ({"LAYER_CONCURRENCY": "0"}, "LAYER_CONCURRENCY"),
+    ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+    ({"REGISTRY_DEFAULT_NAMESPACE": "Bad Namespace"}, "REGISTRY_DEFAULT_NAMESPACE"),
+    ({"REGISTRY_DEFAULT_NAMESPACE": "UPPER"}, "REGISTRY_DEFAULT_NAMESPACE"),
+    ({"REGISTRY_DEFAULT_NAMESPACE": "team//x"}, "REGISTRY_DEFAULT_NAMESPACE"),
+    ({"PLATFORM": "amd64"}, "PLATFORM"),
+    ({"PLATFORM": "linux/arm64/v8/extra"}, "PLATFORM"),
+    ({"PLATFORM": "linux/"}, "PLATFORM"),
+    ({"PLATFORM": "/amd64"}, "PLATFORM"),
+    ({"ERROR_CACHE_SECONDS": "-1"}, "ERROR_CACHE_SECONDS"),
+    ({"PREPARE_GRACE": "later"}, "PREPARE_GRACE"),
+    ({"SERVE_STALE": "maybe"}, "SERVE_STALE"),
+    ({"CACHE_MAX_BYTES": "lots"}, "CACHE_MAX_BYTES"),
+    ({"CACHE_MAX_BYTES": "-5G"}, "CACHE_MAX_BYTES"),
+    ({"CACHE_MAX_BYTES": "1e400"}, "CACHE_MAX_BYTES"),
+], ids=lambda value: "|".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None)
+def test_bad_values_name_the_variable(env, variable):
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    assert variable in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_registry_url_with_credentials_is_refused_without_echoing_them():
+    with pytest.raises(SettingsError) as info:
+        load_settings({"REGISTRY_URL": "https://user:hunter2-url-secret@registry.example.com"})
+    assert "REGISTRY_URL" in str(info.value)
+    assert "hunter2-url-secret" not in str(info.value)
