@@ -8,6 +8,7 @@ import os
 import sys
 
 from shared.settings import SettingsError, load_settings
+from shared.telemetry import configure_logging
 
 
 def log_level(env: dict | os._Environ) -> int:
@@ -30,14 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--name", default=None, help="worker name (default: RQ picks one)")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=log_level(os.environ), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO; ours say what matters.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         settings = load_settings()
     except SettingsError as exc:
         print(f"docker-http-passthrough: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    configure_logging(log_level(os.environ), settings.log_json)
 
     if args.command == "serve":
         from api.server import run

@@ -50,6 +50,8 @@ class Settings:
     serve_stale: bool = True
     # Start the response (exact Content-Length) after this long even if the preparation is not done; 0: never.
     prepare_grace: float = 20.0
+    worker_metrics_port: int = 9101  # 0: off
+    log_json: bool = False
     # Evict least-recently-used layers when the store grows past this; 0 means unbounded.
     cache_max_bytes: int = 0
 
@@ -87,6 +89,15 @@ def _non_negative(env: Mapping[str, str], name: str, default: float) -> float:
     if not math.isfinite(value) or value < 0:
         raise SettingsError(f"{name}={raw!r} must be a finite number, not negative")
     return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) > 65535:
+        raise SettingsError(f"{name}={raw!r} must be a port number (0 turns it off)")
+    return int(raw)
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -158,6 +169,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
         raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
 
+    if (env.get("LOG_FORMAT") or "text").strip().lower() not in ("text", "json"):
+        raise SettingsError(f"LOG_FORMAT={env.get('LOG_FORMAT')!r} must be text or json")
     platform = env.get("PLATFORM") or "linux/amd64"
     if not 2 <= len(platform.split("/")) <= 3 or not all(platform.split("/")):
         raise SettingsError(f"PLATFORM={platform!r} must look like os/architecture[/variant]")
@@ -185,5 +198,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         error_cache_seconds=_non_negative(env, "ERROR_CACHE_SECONDS", 10.0),
         serve_stale=_flag(env, "SERVE_STALE", True),
         prepare_grace=_non_negative(env, "PREPARE_GRACE", 20.0),
+        worker_metrics_port=_port(env, "WORKER_METRICS_PORT", 9101),
+        log_json=(env.get("LOG_FORMAT") or "text").strip().lower() == "json",
         cache_max_bytes=_byte_size(env, "CACHE_MAX_BYTES"),
     )
