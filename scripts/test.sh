@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(docker-registry redis-server docker.io busybox-static apache2-utils iptables ca-certificates)
+# Debian's own python3 needs python3-venv for `python3 -m venv`; other Pythons (pyenv) bring it.
+python3 -c "import ensurepip" >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
