@@ -29,6 +29,8 @@ except ImportError:  # pragma: no cover
 
 # Hand bytes to the decompress thread in pieces this large: fewer thread hops, bounded memory.
 FEED_SIZE = 1 << 20
+# Pieces waiting between the network and the inflating thread, per layer.
+PIPELINE_DEPTH = 4
 # Bytes of a blob that another registry must show us before we reuse our stored copy for it.
 TAIL_SIZE = 32
 # Inflate at most this much per call, so a small, highly compressed input cannot balloon memory.
@@ -116,6 +118,48 @@ class _LayerSink:
                 self.gzip_error = "a gzip stream that ends early"
 
 
+async def _all_or_nothing(*coroutines):
+    """Run together; the first failure cancels the others (their temp files go away with them)."""
+    tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _pipeline(response, layer: mf.Descriptor, sink: _LayerSink, progress: Progress | None) -> None:
+    """Network reads and hashing/inflating/writing overlap: one task receives, a thread works on what came
+    before (at most PIPELINE_DEPTH pieces wait in between, so memory stays bounded)."""
+    pieces: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+
+    async def receive() -> None:
+        pending: list[bytes] = []
+        pending_size = received = 0
+        async for chunk in response.aiter_raw():
+            received += len(chunk)
+            if received > layer.size:
+                raise InvalidContent(f"layer {layer.digest} is longer than the {layer.size} bytes its manifest says")
+            pending.append(chunk)
+            pending_size += len(chunk)
+            if pending_size >= FEED_SIZE:
+                await pieces.put(b"".join(pending))
+                pending, pending_size = [], 0
+        if pending:
+            await pieces.put(b"".join(pending))
+        await pieces.put(None)
+
+    async def work() -> None:
+        while (piece := await pieces.get()) is not None:
+            await asyncio.to_thread(sink.feed, piece)
+            if progress:
+                progress.bytes_done += len(piece)
+
+    await _all_or_nothing(receive(), work())
+
+
 async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor, diff_id: str,
                       progress: Progress | None = None, index: int = 0) -> int:
     """Download, verify and inflate one layer into the store; returns the tar's size."""
@@ -125,24 +169,7 @@ async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor
             store.atomic_writer(store.layer_path(diff_id)) as out:
         sink = _LayerSink(out, gzip)
         async with client.blob(layer.digest) as response:
-            pending: list[bytes] = []
-            pending_size = 0
-            received = 0
-            async for chunk in response.aiter_raw():
-                received += len(chunk)
-                if received > layer.size:
-                    raise InvalidContent(f"layer {layer.digest} is longer than the {layer.size} bytes its manifest says")
-                pending.append(chunk)
-                pending_size += len(chunk)
-                if pending_size >= FEED_SIZE:
-                    await asyncio.to_thread(sink.feed, b"".join(pending))
-                    if progress:
-                        progress.bytes_done += pending_size
-                    pending, pending_size = [], 0
-            if pending:
-                await asyncio.to_thread(sink.feed, b"".join(pending))
-                if progress:
-                    progress.bytes_done += pending_size
+            await _pipeline(response, layer, sink, progress)
         await asyncio.to_thread(sink.finish)
         if "sha256:" + sink.blob_hash.hexdigest() != layer.digest:
             raise InvalidContent(f"layer {layer.digest} does not match its digest (received {sink.blob_size} bytes); "
@@ -289,16 +316,9 @@ async def _prepare_image(client: RegistryClient, store: Store, manifest_digest: 
 
     with leased(store, diff_ids) as leases:  # no eviction of this image's layers while it is prepared
         keeper = asyncio.create_task(_keep_fresh(leases))
-        tasks = [asyncio.create_task(one(index, layer, diff_id))
-                 for index, (layer, diff_id) in enumerate(zip(manifest.layers, diff_ids))]
         try:
-            sizes = await asyncio.gather(*tasks)
-        except BaseException:
-            # First failure wins; stop the other downloads (their temp files go away with them).
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+            sizes = await _all_or_nothing(*(one(index, layer, diff_id)
+                                            for index, (layer, diff_id) in enumerate(zip(manifest.layers, diff_ids))))
         finally:
             keeper.cancel()
         record_use(store, diff_ids)
