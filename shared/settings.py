@@ -65,29 +65,16 @@ def _optional(env: Mapping[str, str], name: str) -> str | None:
     return value if value else None
 
 
-def _positive_number(env: Mapping[str, str], name: str, default: float, kind: type) -> float:
+def _number(env: Mapping[str, str], name: str, default: float, *, kind: type = float, zero_ok: bool = False) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
         value = kind(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise SettingsError(f"{name}={raw!r} must be a finite number greater than zero")
-    return value
-
-
-def _non_negative(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise SettingsError(f"{name}={raw!r} must be a finite number, not negative")
+        raise SettingsError(f"{name}={raw!r} is not a {'number' if kind is float else 'whole number'}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise SettingsError(f"{name}={raw!r} must be a finite number {'>= 0' if zero_ok else '> 0'}")
     return value
 
 
@@ -190,14 +177,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         queue_name=env.get("QUEUE_NAME") or "docker-http-passthrough",
         credentials_key=_optional(env, "CREDENTIALS_KEY"),
         platform=platform,
-        job_timeout=int(_positive_number(env, "JOB_TIMEOUT", 4 * 3600, int)),
-        prepare_timeout=_positive_number(env, "PREPARE_TIMEOUT", 3600.0, float),
-        worker_lost_timeout=_positive_number(env, "WORKER_LOST_TIMEOUT", 60.0, float),
-        upstream_timeout=_positive_number(env, "UPSTREAM_TIMEOUT", 30.0, float),
-        layer_concurrency=int(_positive_number(env, "LAYER_CONCURRENCY", 3, int)),
-        error_cache_seconds=_non_negative(env, "ERROR_CACHE_SECONDS", 10.0),
+        job_timeout=int(_number(env, "JOB_TIMEOUT", 4 * 3600, kind=int)),
+        prepare_timeout=_number(env, "PREPARE_TIMEOUT", 3600.0),
+        worker_lost_timeout=_number(env, "WORKER_LOST_TIMEOUT", 60.0),
+        upstream_timeout=_number(env, "UPSTREAM_TIMEOUT", 30.0),
+        layer_concurrency=int(_number(env, "LAYER_CONCURRENCY", 3, kind=int)),
+        error_cache_seconds=_number(env, "ERROR_CACHE_SECONDS", 10.0, zero_ok=True),
         serve_stale=_flag(env, "SERVE_STALE", True),
-        prepare_grace=_non_negative(env, "PREPARE_GRACE", 20.0),
+        prepare_grace=_number(env, "PREPARE_GRACE", 20.0, zero_ok=True),
         worker_metrics_port=_port(env, "WORKER_METRICS_PORT", 9101),
         log_json=(env.get("LOG_FORMAT") or "text").strip().lower() == "json",
         cache_max_bytes=_byte_size(env, "CACHE_MAX_BYTES"),

@@ -11,6 +11,8 @@ import os
 import shutil
 import signal
 import socket
+
+from tests.support.registry import free_port  # noqa: F401 - re-exported for fixtures and tests
 import subprocess
 import sys
 import tempfile
@@ -59,13 +61,6 @@ def require(condition: bool, reason: str) -> None:
     if os.environ.get("DHP_REQUIRE_ALL") == "1":
         pytest.fail(f"{reason} (DHP_REQUIRE_ALL=1 forbids skipping)", pytrace=False)
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def find_binary(name: str) -> str | None:
