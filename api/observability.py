@@ -3,12 +3,13 @@ line per download, written when its last byte has gone out (or the connection br
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,6 +20,8 @@ from shared.telemetry import current_trace_id, tracer
 log = logging.getLogger("docker_http_passthrough.access")
 
 DOWNLOAD_PREFIXES = ("/docker/", "/registry/", "/registry-auth/")
+# How a client that hangs up shows: the server cancels the request, or a send fails.
+_DISCONNECTS = (OSError, ClientDisconnect, asyncio.CancelledError)
 
 
 def _route_template(scope: Scope) -> str | None:
@@ -29,6 +32,20 @@ def _route_template(scope: Scope) -> str | None:
     return None
 
 
+def _host_and_port(scope: Scope, headers: dict[str, str]) -> tuple[str, int | None]:
+    """server.address/server.port: the host the client asked for (Host header), else the socket's address."""
+    host = headers.get("host", "").strip()
+    if host:
+        if host.startswith("["):  # [v6]:port
+            name, _, rest = host[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+        else:
+            name, _, port = host.partition(":")
+        return name, int(port) if port.isdigit() else (443 if scope.get("scheme") == "https" else 80)
+    server = scope.get("server") or (None, None)
+    return server[0] or "", server[1] or None
+
+
 class TelemetryMiddleware:
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -37,54 +54,82 @@ class TelemetryMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        template = _route_template(scope) or "unmatched"
+        template = _route_template(scope)
         method = scope["method"]
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
-        server = scope.get("server") or ("", 0)
-        client = scope.get("client") or ("", 0)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        address, port = _host_and_port(scope, headers)
+        client = scope.get("client") or (None, None)
         attributes = {
-            "http.request.method": method, "http.route": template, "url.path": scope["path"],
-            "url.scheme": scope.get("scheme", "http"), "server.address": server[0] or "", "server.port": server[1] or 0,
-            "client.address": client[0] or "", "network.peer.address": client[0] or "",
-            "network.peer.port": client[1] or 0, "network.protocol.name": "http",
-            "network.protocol.version": scope.get("http_version", "1.1"), "network.transport": "tcp",
-            "user_agent.original": headers.get("user-agent", ""),
+            "http.request.method": method, "url.path": scope["path"], "url.scheme": scope.get("scheme", "http"),
+            "network.protocol.name": "http", "network.protocol.version": scope.get("http_version", "1.1"),
+            "network.transport": "tcp",
         }
+        # Only what is known: an empty string or port 0 would be wrong, not missing.
+        for name, value in (("http.route", template), ("server.address", address), ("server.port", port),
+                            ("client.address", client[0]), ("network.peer.address", client[0]),
+                            ("network.peer.port", client[1]), ("user_agent.original", headers.get("user-agent"))):
+            if value:
+                attributes[name] = value
+        download = scope["path"].startswith(DOWNLOAD_PREFIXES)
+        if download:
+            # Known before the route runs, so present even when it fails early (e.g. 401 credentials_required).
+            attributes["registry.client_auth.credentials_present"] = "authorization" in headers
+            settings = getattr(getattr(scope.get("app"), "state", None), "settings", None)
+            if settings is not None:
+                attributes["registry.client_auth.mode"] = settings.registry_client_auth
         started = time.monotonic()
-        result = {"status": 500, "bytes": 0}
+        result = {"status": 500, "bytes": 0, "challenge": False, "finished": False}
         scope.setdefault("state", {})
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 result["status"] = message["status"]
+                result["challenge"] = any(k.lower() == b"www-authenticate" for k, _ in message.get("headers", ()))
             elif message["type"] == "http.response.body":
                 result["bytes"] += len(message.get("body", b""))
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                result["finished"] = True
 
-        with tracer().start_as_current_span(f"{method} {template}", kind=SpanKind.SERVER,
+        # One span per request, started here and ended when the last byte went out: never one per ASGI message.
+        with tracer().start_as_current_span(f"{method} {template}" if template else method, kind=SpanKind.SERVER,
                                             attributes=attributes) as span:
-            completed = False
+            failure: BaseException | None = None
             try:
                 await self.app(scope, receive, counting_send)
-                completed = True
+            except BaseException as exc:
+                failure = exc
+                raise
             finally:
                 status = result["status"]
+                # Complete: the last body message went out (a client that hangs up mid-stream never gets it).
+                completed = failure is None and result["finished"]
                 span.set_attribute("http.response.status_code", status)
                 span.set_attribute("http.response.body.size", result["bytes"])
-                for name, value in (scope["state"].get("span_attributes") or {}).items():
+                noted = scope["state"].get("span_attributes") or {}
+                for name, value in noted.items():
                     span.set_attribute(name, value)
+                if download:
+                    span.set_attribute("registry.client_auth.challenge_sent", result["challenge"])
                 if status >= 500 or not completed:
                     span.set_status(Status(StatusCode.ERROR))
-                    span.set_attribute("error.type", str(status) if completed else "connection_closed")
-                REQUESTS.labels(template, method, str(status)).inc()
-                if scope["path"].startswith(DOWNLOAD_PREFIXES):
-                    self._log_download(scope, template, status, result["bytes"], time.monotonic() - started,
-                                       completed)
+                    if failure is not None and not isinstance(failure, _DISCONNECTS):
+                        error = type(failure).__name__
+                    elif not completed:
+                        error = "connection_closed"
+                    else:
+                        error = noted.get("error.type") or str(status)  # the route's own code says more
+                    span.set_attribute("error.type", error)
+                REQUESTS.labels(template or "unmatched", method, str(status)).inc()
+                if download:
+                    self._log_download(scope, template or "unmatched", status, result["bytes"],
+                                       time.monotonic() - started, completed)
 
     @staticmethod
     def _log_download(scope: Scope, template: str, status: int, sent: int, seconds: float, completed: bool) -> None:
         info = scope["state"].get("download") or {}
-        BYTES_SERVED.labels(template).inc(sent)
+        if 200 <= status < 300:  # archive bytes; not the JSON of an error
+            BYTES_SERVED.labels(template).inc(sent)
         if "cache_hit" in info and status < 300:
             CACHE.labels("hit" if info["cache_hit"] else "miss").inc()
         fields = {

@@ -204,6 +204,8 @@ class QueuePreparer:
         self.watcher = OutcomeWatcher(self.redis)
         self.watcher.start()
         self.joined: dict[str, dict | None] = {}  # job id → trace context of its starter, for span links
+        self.starting: dict[str, asyncio.Future] = {}
+        self.enqueue_threads = anyio.CapacityLimiter(4)
 
     def _job_lost(self, job: Job) -> bool:
         """A started job whose worker stopped beating: its worker died and RQ has not noticed yet."""
@@ -283,7 +285,9 @@ class QueuePreparer:
                 "message": f"the preparation job ended ({status}) without a result: its worker was killed or it "
                            "ran past JOB_TIMEOUT; see the worker logs"}}
         if status == JobStatus.STARTED:
-            if not await self.redis.exists(heartbeat_key(job_id)):
+            # The job's last act sets its outcome and drops its heartbeat in one transaction: look at the
+            # outcome again before calling a job without heartbeat lost.
+            if not await self.redis.exists(heartbeat_key(job_id)) and not await self.redis.exists(outcome_key(job_id)):
                 started = utcparse(started_at.decode()).replace(tzinfo=timezone.utc).timestamp() if started_at else 0
                 if time.time() - started > START_GRACE:
                     return {"state": "failed", "error": TimedOut(
@@ -325,9 +329,16 @@ class QueuePreparer:
                 raise Unavailable("two-tier mode needs CREDENTIALS_KEY (the same on API and workers) to hand the "
                                   "client's registry credentials to a worker", code="credentials_key_missing")
             sealed = seal_credentials(credentials, self.settings.credentials_key)
+        # Requests for the same image in this process share one enqueue check (a fleet arrives at once); the
+        # checks run on their own few threads so they never starve the threads that read archive files.
+        pending = self.starting.get(job_id)
+        if pending is None:
+            pending = asyncio.ensure_future(anyio.to_thread.run_sync(
+                self._enqueue_unless_running, spec, job_id, sealed, inject_context(), limiter=self.enqueue_threads))
+            self.starting[job_id] = pending
+            pending.add_done_callback(lambda _f: self.starting.pop(job_id, None))
         try:
-            self.joined[job_id] = await anyio.to_thread.run_sync(self._enqueue_unless_running, spec, job_id, sealed,
-                                                                 inject_context())
+            self.joined[job_id] = await asyncio.shield(pending)
         except redis_sync.RedisError as exc:
             raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
         return job_id

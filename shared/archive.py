@@ -354,6 +354,26 @@ def _pread_exact(fd: int, n: int, offset: int, path: str | None) -> bytes:
     return b"".join(parts)
 
 
+def _read_range(plan: ArchivePlan, start: int, end: int) -> bytes:
+    parts = []
+    for seg, lo, n in _spans(plan, start, end):
+        if seg.data is not None:
+            parts.append(seg.data[lo : lo + n])
+            continue
+        fd = _open_checked(seg)
+        try:
+            parts.append(_pread_exact(fd, n, lo, seg.path))
+        finally:
+            os.close(fd)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def read_range(plan: ArchivePlan, start: int, end: int) -> bytes:
+    """Bytes [start, end) of the archive, read in one worker thread (one thread hop per piece, whatever it
+    spans). For senders that pick each piece's size as they go."""
+    return await anyio.to_thread.run_sync(_read_range, plan, start, end)
+
+
 async def iter_archive(
     plan: ArchivePlan,
     start: int = 0,

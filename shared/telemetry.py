@@ -1,7 +1,7 @@
 """Traces (OpenTelemetry) and log format, the same for both tiers.
 
-Tracing is on only when OTEL_EXPORTER_OTLP_ENDPOINT is set (OTLP gRPC); otherwise the API's no-op tracer is
-used and spans cost next to nothing. Trace context crosses the API → job → worker hop in the job's meta.
+Tracing is on only when OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set (OTLP gRPC);
+otherwise the API's no-op tracer is used and spans cost next to nothing. Trace context crosses the API → job → worker hop in the job's meta.
 No span attribute ever carries a secret: URLs are built without userinfo or query, no headers are recorded.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from datetime import datetime, timezone
 from typing import Mapping
 
 from opentelemetry import propagate, trace
@@ -25,9 +26,11 @@ def setup_tracing(role: str, env: Mapping[str, str] | None = None) -> bool:
     """Install an OTLP exporter if configured; once per process (a forked RQ job process sets up its own)."""
     global _provider_pid
     env = os.environ if env is None else env
-    endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    if not endpoint or _provider_pid == os.getpid():
-        return _provider_pid == os.getpid()
+    if _provider_pid == os.getpid():
+        return True
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not endpoint or (env.get("OTEL_SDK_DISABLED") or "").strip().lower() == "true":
+        return False
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -36,8 +39,12 @@ def setup_tracing(role: str, env: Mapping[str, str] | None = None) -> bool:
     resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME,
                                 "service.namespace": DEFAULT_SERVICE_NAME, "dhp.tier": role})
     provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))))
+    # The exporter decides TLS the standard way: http:// → plain, https:// → TLS, else OTEL_EXPORTER_OTLP_INSECURE.
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     trace.set_tracer_provider(provider)
+    if trace.get_tracer_provider() is not provider:  # someone installed one first; theirs stays
+        provider.shutdown()
+        return False
     _provider_pid = os.getpid()
     return True
 
@@ -86,7 +93,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            # ISO 8601 in UTC with milliseconds: sortable, and unambiguous across hosts and time zones.
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -94,6 +103,8 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", {}) or {})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, default=str)
 
 
