@@ -219,29 +219,46 @@ async def _leased_stream(store: Store, plan: ArchivePlan, diff_ids: list[str], s
     """
     record_use(store, diff_ids)
     loop = asyncio.get_running_loop()
-    piece = PIECE_START
+    pacer = PiecePacer(loop.time())
     with leased(store, diff_ids) as leases:
         position = start
         while position < end:
-            data = await read_range(plan, position, min(position + piece, end))
+            data = await read_range(plan, position, min(position + pacer.piece, end))
             sent_at = loop.time()
             yield data  # returns once the server has handed it to a draining socket
             position += len(data)
             leases.refresh()
-            piece = next_piece_size(len(data), loop.time() - sent_at)
+            pacer.sent(len(data), sent_at, loop.time())
 
 
 PIECE_MIN = 64 << 10
-PIECE_START = 1 << 20
+PIECE_START = 256 << 10
 PIECE_MAX = 4 << 20
 # Aim for pieces a client drains in about this long.
-PIECE_SECONDS = 0.05
+PIECE_SECONDS = 0.02
+# Socket buffers swallow the first megabytes at once, even for a slow client: trust the average rate only
+# after this much, and stay at PIECE_START until then.
+PIECE_TRUST_AFTER = 16 << 20
 
 
-def next_piece_size(sent: int, seconds: float) -> int:
-    rate = sent / max(seconds, 1e-6)
-    wanted = int(rate * PIECE_SECONDS)
+def _piece_for(rate: float) -> int:
     size = PIECE_MIN
-    while size * 2 <= wanted and size < PIECE_MAX:
+    while size * 2 <= rate * PIECE_SECONDS and size < PIECE_MAX:
         size *= 2
     return size
+
+
+class PiecePacer:
+    """Piece size that follows the client: big for fast ones (fewer hops), small for slow ones, whose pieces
+    wait in memory until they read them."""
+
+    def __init__(self, now: float):
+        self.started = now
+        self.total = 0
+        self.piece = PIECE_START
+
+    def sent(self, size: int, began: float, ended: float) -> None:
+        self.total += size
+        this_send = _piece_for(size / max(ended - began, 1e-6))
+        overall = _piece_for(self.total / max(ended - self.started, 1e-6))
+        self.piece = min(this_send, overall if self.total >= PIECE_TRUST_AFTER else PIECE_START)
