@@ -7,6 +7,7 @@ GET and HEAD answer the archive (Range and If-Range for resuming); POST starts t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -25,7 +26,7 @@ from api.resolution import (
     parse_image_request,
     resolve,
 )
-from shared.archive import ArchivePlan, plan_archive, read_range
+from shared.archive import ArchivePlan, ArchiveReader, plan_archive
 from shared.errors import Forbidden, PassthroughError, Unauthorized
 from shared.eviction import leased, record_use
 from shared.jobs import JobSpec
@@ -220,10 +221,11 @@ async def _leased_stream(store: Store, plan: ArchivePlan, diff_ids: list[str], s
     record_use(store, diff_ids)
     loop = asyncio.get_running_loop()
     pacer = PiecePacer(loop.time())
-    with leased(store, diff_ids) as leases:
+    reader = ArchiveReader(plan)
+    with leased(store, diff_ids) as leases, contextlib.closing(reader):
         position = start
         while position < end:
-            data = await read_range(plan, position, min(position + pacer.piece, end))
+            data = await reader.read(position, min(position + pacer.piece, end))
             sent_at = loop.time()
             yield data  # returns once the server has handed it to a draining socket
             position += len(data)
@@ -232,13 +234,13 @@ async def _leased_stream(store: Store, plan: ArchivePlan, diff_ids: list[str], s
 
 
 PIECE_MIN = 64 << 10
-PIECE_START = 256 << 10
+PIECE_START = 128 << 10
 PIECE_MAX = 4 << 20
 # Aim for pieces a client drains in about this long.
 PIECE_SECONDS = 0.02
 # Socket buffers swallow the first megabytes at once, even for a slow client: trust the average rate only
 # after this much, and stay at PIECE_START until then.
-PIECE_TRUST_AFTER = 16 << 20
+PIECE_TRUST_AFTER = 8 << 20
 
 
 def _piece_for(rate: float) -> int:

@@ -25,11 +25,15 @@ _DISCONNECTS = (OSError, ClientDisconnect, asyncio.CancelledError)
 
 
 def _route_template(scope: Scope) -> str | None:
+    """The matched route's template; for a path whose route wants another method (405), that route's."""
+    partial = None
     for route in getattr(scope.get("app"), "routes", ()):
         match, _ = route.matches(scope)
         if match == Match.FULL:
             return route.path
-    return None
+        if match == Match.PARTIAL and partial is None:
+            partial = route.path
+    return partial
 
 
 def _host_and_port(scope: Scope, headers: dict[str, str]) -> tuple[str, int | None]:
@@ -111,9 +115,10 @@ class TelemetryMiddleware:
                     span.set_attribute(name, value)
                 if download:
                     span.set_attribute("registry.client_auth.challenge_sent", result["challenge"])
+                crashed = failure is not None and not isinstance(failure, _DISCONNECTS)
                 if status >= 500 or not completed:
                     span.set_status(Status(StatusCode.ERROR))
-                    if failure is not None and not isinstance(failure, _DISCONNECTS):
+                    if crashed:
                         error = type(failure).__name__
                     elif not completed:
                         error = "connection_closed"
@@ -123,10 +128,12 @@ class TelemetryMiddleware:
                 REQUESTS.labels(template or "unmatched", method, str(status)).inc()
                 if download:
                     self._log_download(scope, template or "unmatched", status, result["bytes"],
-                                       time.monotonic() - started, completed)
+                                       time.monotonic() - started, completed,
+                                       type(failure).__name__ if crashed else None)
 
     @staticmethod
-    def _log_download(scope: Scope, template: str, status: int, sent: int, seconds: float, completed: bool) -> None:
+    def _log_download(scope: Scope, template: str, status: int, sent: int, seconds: float, completed: bool,
+                      crash: str | None) -> None:
         info = scope["state"].get("download") or {}
         if 200 <= status < 300:  # archive bytes; not the JSON of an error
             BYTES_SERVED.labels(template).inc(sent)
@@ -136,12 +143,12 @@ class TelemetryMiddleware:
             "event": "download", "method": scope["method"], "path": scope["path"], "image": info.get("image"),
             "digest": info.get("digest"), "status": status, "bytes": sent, "duration_s": round(seconds, 3),
             "cache_hit": info.get("cache_hit"), "complete": completed, "trace_id": current_trace_id(),
-            "error": info.get("error"),
+            "error": info.get("error") or crash,
         }
+        note = "" if completed else f" (failed: {crash})" if crash else " (connection closed early)"
         log.info("%s %s %s image=%s digest=%s bytes=%d duration=%.3fs cache_hit=%s trace_id=%s%s",
                  scope["method"], scope["path"], status, fields["image"], fields["digest"], sent, seconds,
-                 fields["cache_hit"], fields["trace_id"], "" if completed else " (connection closed early)",
-                 extra={"fields": fields})
+                 fields["cache_hit"], fields["trace_id"], note, extra={"fields": fields})
 
 
 async def metrics(request: Request) -> Response:

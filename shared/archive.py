@@ -15,6 +15,7 @@ end-of-archive blocks.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -354,24 +355,63 @@ def _pread_exact(fd: int, n: int, offset: int, path: str | None) -> bytes:
     return b"".join(parts)
 
 
-def _read_range(plan: ArchivePlan, start: int, end: int) -> bytes:
-    parts = []
-    for seg, lo, n in _spans(plan, start, end):
-        if seg.data is not None:
-            parts.append(seg.data[lo : lo + n])
-            continue
-        fd = _open_checked(seg)
-        try:
-            parts.append(_pread_exact(fd, n, lo, seg.path))
-        finally:
+_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+
+
+class ArchiveReader:
+    """Reads ranges of one archive for one response. Layer files are opened once; a read the page cache can
+    serve is done right here (preadv with RWF_NOWAIT: no thread hop, no buffer copy), any other in a worker
+    thread, so the event loop never waits on a disk."""
+
+    nowait_supported = _NOWAIT is not None
+
+    def __init__(self, plan: ArchivePlan):
+        self.plan = plan
+        self.fds: dict[str, int] = {}
+
+    def _fd(self, seg: Segment) -> int:
+        fd = self.fds.get(seg.path)
+        if fd is None:
+            fd = self.fds[seg.path] = _open_checked(seg)
+        return fd
+
+    def _fill(self, start: int, end: int, nowait: bool) -> memoryview | None:
+        view = memoryview(bytearray(end - start))
+        pos = 0
+        for seg, lo, n in _spans(self.plan, start, end):
+            if seg.data is not None:
+                view[pos : pos + n] = seg.data[lo : lo + n]
+            else:
+                fd = self._fd(seg)
+                got = 0
+                while got < n:
+                    try:
+                        k = os.preadv(fd, [view[pos + got : pos + n]], lo + got, _NOWAIT if nowait else 0)
+                    except BlockingIOError:
+                        return None  # not in the page cache: the caller reads in a thread
+                    except OSError as exc:
+                        if nowait and exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                            ArchiveReader.nowait_supported = False  # this filesystem cannot say
+                            return None
+                        raise
+                    if k == 0:
+                        if nowait:
+                            return None
+                        raise ArchiveSourceError(f"layer file {seg.path} ended early at {lo + got}")
+                    got += k
+            pos += n
+        return view
+
+    async def read(self, start: int, end: int) -> memoryview:
+        data = self._fill(start, end, nowait=True) if self.nowait_supported else None
+        if data is None:
+            data = await anyio.to_thread.run_sync(self._fill, start, end, False)
+        return data
+
+    def close(self) -> None:
+        for fd in self.fds.values():
             os.close(fd)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-async def read_range(plan: ArchivePlan, start: int, end: int) -> bytes:
-    """Bytes [start, end) of the archive, read in one worker thread (one thread hop per piece, whatever it
-    spans). For senders that pick each piece's size as they go."""
-    return await anyio.to_thread.run_sync(_read_range, plan, start, end)
+        self.fds.clear()
 
 
 async def iter_archive(
