@@ -4,10 +4,11 @@ line per download, written when its last byte has gone out (or the connection br
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -19,6 +20,7 @@ from shared.telemetry import current_trace_id, tracer
 
 log = logging.getLogger("docker_http_passthrough.access")
 
+UNTRACED_PATHS = ("/health", "/metrics")
 DOWNLOAD_PREFIXES = ("/docker/", "/registry/", "/registry-auth/")
 # How a client that hangs up shows: the server cancels the request, or a send fails.
 _DISCONNECTS = (OSError, ClientDisconnect, asyncio.CancelledError)
@@ -96,8 +98,12 @@ class TelemetryMiddleware:
                 result["finished"] = True
 
         # One span per request, started here and ended when the last byte went out: never one per ASGI message.
-        with tracer().start_as_current_span(f"{method} {template}" if template else method, kind=SpanKind.SERVER,
-                                            attributes=attributes) as span:
+        # Probes (/health every few seconds, /metrics scrapes) would only bury the downloads: no span for them.
+        traced = scope["path"] not in UNTRACED_PATHS
+        span_context = tracer().start_as_current_span(f"{method} {template}" if template else method,
+                                                      kind=SpanKind.SERVER, attributes=attributes) \
+            if traced else contextlib.nullcontext(INVALID_SPAN)
+        with span_context as span:
             failure: BaseException | None = None
             try:
                 await self.app(scope, receive, counting_send)

@@ -8,11 +8,12 @@ Embedded: the same preparation as an asyncio task inside the API process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from datetime import timezone
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import anyio.to_thread
 import httpx
@@ -36,6 +37,7 @@ from shared.jobs import (
     seal_credentials,
 )
 from shared.locks import LocalLocks
+from shared.metrics import WAITING_REQUESTS
 from shared.prepare import Progress, image_key, job_id_for, prepare_image
 from shared.registry import Credentials, RegistryClient
 from shared.settings import Settings
@@ -68,11 +70,17 @@ def _key_of_job(job_id: str) -> str | None:
     return job_id.removeprefix("prepare-") if job_id.startswith("prepare-") else None
 
 
-def _wait_span(job_id: str, started_by: dict | None):
+@contextlib.contextmanager
+def _wait_span(job_id: str, started_by: dict | None) -> Iterator[None]:
     """The request's span for waiting on a preparation; linked to the starter's trace when it joined one."""
-    return tracer().start_as_current_span(
-        "wait_for_preparation", links=link_to(started_by) if started_by else None,
-        attributes={"dhp.job.id": job_id, "dhp.job.joined": started_by is not None})
+    WAITING_REQUESTS.inc()
+    try:
+        with tracer().start_as_current_span(
+                "wait_for_preparation", links=link_to(started_by) if started_by else None,
+                attributes={"dhp.job.id": job_id, "dhp.job.joined": started_by is not None}):
+            yield
+    finally:
+        WAITING_REQUESTS.dec()
 
 
 def _key(spec: JobSpec) -> str:
@@ -203,7 +211,6 @@ class QueuePreparer:
         self.queue = Queue(settings.queue_name, connection=self.sync)
         self.watcher = OutcomeWatcher(self.redis)
         self.watcher.start()
-        self.joined: dict[str, dict | None] = {}  # job id → trace context of its starter, for span links
         self.starting: dict[str, asyncio.Future] = {}
         self.enqueue_threads = anyio.CapacityLimiter(4)
 
@@ -279,7 +286,7 @@ class QueuePreparer:
         if status == JobStatus.FINISHED:
             return {"state": "done"}
         if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
-            # No outcome: the job was killed (job timeout, or its work horse died and RQ noticed).
+            # No outcome: the job was killed (job timeout, or its worker died and RQ noticed).
             return {"state": "failed", "error": {
                 "error": "preparation_failed", "status": 502,
                 "message": f"the preparation job ended ({status}) without a result: its worker was killed or it "
@@ -322,7 +329,12 @@ class QueuePreparer:
             await self.watcher.wait(job_id, min(CHECK_EVERY, max(deadline - now, 0.01)))
 
     async def start(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> str:
+        return (await self._start(spec, credentials))[0]
+
+    async def _start(self, spec: JobSpec, credentials: Credentials | None) -> tuple[str, dict | None]:
+        """(job id, trace context of the request that started the job when another request did)."""
         job_id = job_id_for(_key(spec))
+        own_context = inject_context()
         sealed = None
         if spec.credential_source == "client":
             if not self.settings.credentials_key:
@@ -334,20 +346,20 @@ class QueuePreparer:
         pending = self.starting.get(job_id)
         if pending is None:
             pending = asyncio.ensure_future(anyio.to_thread.run_sync(
-                self._enqueue_unless_running, spec, job_id, sealed, inject_context(), limiter=self.enqueue_threads))
+                self._enqueue_unless_running, spec, job_id, sealed, own_context, limiter=self.enqueue_threads))
             self.starting[job_id] = pending
             pending.add_done_callback(lambda _f: self.starting.pop(job_id, None))
         try:
-            self.joined[job_id] = await asyncio.shield(pending)
+            started_by = await asyncio.shield(pending)
         except redis_sync.RedisError as exc:
             raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
-        return job_id
+        # A request that asks twice (early start, then wait) finds its own job: that is not joining.
+        return job_id, (started_by if started_by and started_by != own_context else None)
 
     async def ensure(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord:
         key = _key(spec)
-        job_id = await self.start(spec, credentials, token)
+        job_id, started_by = await self._start(spec, credentials)
         if self.store.get_image(key) is None:
-            started_by = self.joined.pop(job_id, None)
             with _wait_span(job_id, started_by):
                 try:
                     await self._wait(job_id)

@@ -128,6 +128,11 @@ def _parse_image_request(request: Request) -> ImageRequest:
                                default_namespace=settings.registry_default_namespace)
     except FilenameError as exc:
         raise BadRequest(str(exc), code=f"bad_filename:{exc.rule}") from None
+    # Known now, even if the credentials check below refuses the request: the route span should say it.
+    getattr(request.state, "span_attributes", {}).update({
+        "container.image.name": f"{target.name}/{image.repository}", "container.image.tag": image.tag,
+        "registry.name": target.name, "registry.url": target.api_url,
+        "registry.target.source": "url" if "host" in request.path_params else "settings"})
     with tracer().start_as_current_span("extract_registry_client_credentials") as span:
         client = None
         if auth_route or settings.registry_client_auth != "off":

@@ -1,8 +1,6 @@
 """Prometheus metrics of both tiers.
 
-The API is one process and serves /metrics itself. RQ forks a process per job, so workers run
-prometheus_client's multiprocess mode: `docker-http-passthrough worker` sets PROMETHEUS_MULTIPROC_DIR before
-this module is imported and serves the merged view on WORKER_METRICS_PORT.
+The API serves them at /metrics; each worker (jobs run in the worker process itself) on WORKER_METRICS_PORT.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ PREPARE_SECONDS = Histogram("dhp_prepare_duration_seconds", "Time to prepare one
 UPSTREAM = Counter("dhp_upstream_requests_total", "Requests to registries", ["operation", "status"])
 UPSTREAM_BYTES = Counter("dhp_upstream_bytes_total", "Compressed layer bytes downloaded from registries")
 EVICTIONS = Counter("dhp_store_evictions_total", "Layers evicted to stay under CACHE_MAX_BYTES")
-JOBS_IN_FLIGHT = Gauge("dhp_jobs_in_flight", "Preparations running in this process", multiprocess_mode="livesum")
-STORE_BYTES = Gauge("dhp_store_layer_bytes", "Bytes of unpacked layers in the store", multiprocess_mode="max")
-QUEUE_DEPTH = Gauge("dhp_queue_depth", "Preparation jobs waiting in the RQ queue", multiprocess_mode="max")
+JOBS_IN_FLIGHT = Gauge("dhp_jobs_in_flight", "Preparations running in this process")
+STORE_BYTES = Gauge("dhp_store_layer_bytes", "Bytes of unpacked layers in the store")
+QUEUE_DEPTH = Gauge("dhp_queue_depth", "Preparation jobs waiting in the RQ queue")
 WAITING_REQUESTS = Gauge("dhp_requests_waiting_for_preparation", "Requests waiting for a preparation")

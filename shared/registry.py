@@ -232,6 +232,8 @@ class RegistryClient:
                 raise Unreachable(f"the registry's token endpoint is unreachable: {type(exc).__name__}") from None
             UPSTREAM.labels("token", str(response.status_code)).inc()
             span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 400:
+                span.set_attribute("error.type", str(response.status_code))
         if response.status_code in (401, 403):
             raise (Forbidden if self.credentials else Unauthorized)(
                 "the registry's token endpoint refused the credentials" if self.credentials
@@ -275,9 +277,11 @@ class RegistryClient:
         return Unauthorized(f"the registry {self.target.name} requires credentials for {self.repository}")
 
     def _span_attributes(self, method: str, url: str, template: str, operation: str) -> dict:
-        parts = urlsplit(url)  # our URLs never carry userinfo; the query is dropped all the same
+        parts = urlsplit(url)  # rebuilt from host and port: a realm from a challenge might carry userinfo
+        host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else (parts.hostname or "")
+        netloc = f"{host}:{parts.port}" if parts.port else host
         return {
-            "http.request.method": method, "url.full": f"{parts.scheme}://{parts.netloc}{parts.path}",
+            "http.request.method": method, "url.full": f"{parts.scheme}://{netloc}{parts.path}",
             "url.template": template, "url.scheme": parts.scheme, "server.address": parts.hostname or "",
             "server.port": parts.port or (443 if parts.scheme == "https" else 80),
             "registry.name": self.target.name, "registry.url": self.target.api_url, "registry.operation": operation,
@@ -316,6 +320,8 @@ class RegistryClient:
                     raise Unreachable(f"the registry {self.target.name} is unreachable ({type(exc).__name__})") from None
                 UPSTREAM.labels(operation, str(response.status_code)).inc()
                 span.set_attribute("http.response.status_code", response.status_code)
+                if method == "GET" and response.headers.get("content-length", "").isdigit():
+                    span.set_attribute("http.response.body.size", int(response.headers["content-length"]))
                 if response.status_code >= 400:
                     span.set_attribute("error.type", str(response.status_code))
             if response.status_code != 401:

@@ -23,7 +23,7 @@ _provider_pid: int | None = None
 
 
 def setup_tracing(role: str, env: Mapping[str, str] | None = None) -> bool:
-    """Install an OTLP exporter if configured; once per process (a forked RQ job process sets up its own)."""
+    """Install an OTLP exporter if configured; once per process (a forked process sets up its own)."""
     global _provider_pid
     env = os.environ if env is None else env
     if _provider_pid == os.getpid():
@@ -50,7 +50,7 @@ def setup_tracing(role: str, env: Mapping[str, str] | None = None) -> bool:
 
 
 def flush_tracing(timeout_ms: int = 5000) -> None:
-    """RQ's work horse leaves with os._exit(): buffered spans must be sent before."""
+    """Send buffered spans now (end of each job; a forked RQ work horse would leave with os._exit())."""
     provider = trace.get_tracer_provider()
     flush = getattr(provider, "force_flush", None)
     if flush is not None:

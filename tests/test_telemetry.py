@@ -31,7 +31,7 @@ from rq import Queue, SimpleWorker
 from rq.timeouts import TimerDeathPenalty
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.responses import StreamingResponse
+from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 import shared.registry as registry_module
@@ -687,7 +687,7 @@ def test_json_formatter_structured_fields_and_exceptions():
 
 
 def _mini_app(handler) -> Starlette:
-    routes = [Route("/docker/{filename}", handler, methods=["GET", "HEAD"]), Route("/health", handler)]
+    routes = [Route("/docker/{filename}", handler, methods=["GET", "HEAD"]), Route("/status/{job_id}", handler)]
     return Starlette(routes=routes, middleware=[Middleware(TelemetryMiddleware)])
 
 
@@ -769,7 +769,7 @@ def test_route_that_raises_and_method_not_allowed(caplog):
     async def scenario():
         with pytest.raises(RuntimeError):
             await _call(app, "/docker/app_1.tar")
-        return await _call(app, "/health", method="DELETE")
+        return await _call(app, "/status/prepare-x", method="DELETE")
 
     not_allowed = asyncio.run(scenario())
     assert not_allowed[0]["status"] == 405
@@ -778,6 +778,24 @@ def test_route_that_raises_and_method_not_allowed(caplog):
     assert crashed.attributes["http.response.status_code"] == 500
     record, = download_records(caplog)
     assert record.fields["status"] == 500 and record.fields["error"] == "RuntimeError"
-    refused = one(_EXPORTER.get_finished_spans(), "DELETE /health")
-    assert refused.attributes["http.route"] == "/health" and refused.attributes["http.response.status_code"] == 405
+    refused = one(_EXPORTER.get_finished_spans(), "DELETE /status/{job_id}")
+    assert refused.attributes["http.route"] == "/status/{job_id}"
+    assert refused.attributes["http.response.status_code"] == 405
     assert "error.type" not in refused.attributes
+
+
+def test_probes_make_no_spans_but_are_counted():
+    """/health every few seconds and /metrics scrapes would bury the downloads' traces."""
+    async def ok(request):
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/health", ok), Route("/metrics", ok), Route("/status/{job_id}", ok)],
+                    middleware=[Middleware(TelemetryMiddleware)])
+
+    async def scenario():
+        for path in ("/health", "/metrics", "/status/prepare-x"):
+            sent = await _call(app, path)
+            assert sent[0]["status"] == 200
+
+    asyncio.run(scenario())
+    assert [span.name for span in _EXPORTER.get_finished_spans()] == ["GET /status/{job_id}"]

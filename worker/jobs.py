@@ -109,7 +109,7 @@ def prepare(target: dict, repository: str, manifest_digest: str, credential_sour
         raise
     finally:
         otel_context.detach(token_ctx)
-        flush_tracing()  # the work horse exits with os._exit(): nothing buffered would survive
+        flush_tracing()  # send this job's spans now: a worker stopped between jobs must not lose them
         stop.set()
         beat.join(timeout=2)
         pipe = connection.pipeline()

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 
+from prometheus_client import start_http_server
 from redis import Redis
-from rq import Queue, Worker
+from rq import Queue, SimpleWorker
 
 from shared.settings import Settings
 from shared.store import Store
@@ -16,16 +15,8 @@ log = logging.getLogger("docker_http_passthrough.worker")
 
 
 def serve_metrics(port: int) -> None:
-    """RQ runs each job in a forked process: metrics go through prometheus_client's multiprocess files, and this
-    process serves their sum. Must run before anything imports shared.metrics."""
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="dhp-worker-metrics-"))
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry)
     try:
-        start_http_server(port, registry=registry)
+        start_http_server(port)
         log.info("worker metrics on port %d (/metrics)", port)
     except OSError as exc:  # e.g. two workers on one host: the second one runs without its own endpoint
         log.warning("worker metrics port %d unavailable (%s); set WORKER_METRICS_PORT", port, exc)
@@ -41,5 +32,8 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
         log.info("removed %d partial files left by crashed writers", swept)
     connection = Redis.from_url(settings.redis_url)
     queue = Queue(settings.queue_name, connection=connection)
-    worker = Worker([queue], connection=connection, name=name)
+    # Jobs run in this process (no fork per job): they are asyncio I/O with bounded buffers, so nothing needs
+    # a fresh process, and metrics and tracing stay in one registry and one provider. A job past JOB_TIMEOUT is
+    # still stopped (SIGALRM), and a dead worker is noticed by its missing heartbeat.
+    worker = SimpleWorker([queue], connection=connection, name=name)
     worker.work(burst=burst, with_scheduler=False)
