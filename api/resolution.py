@@ -47,7 +47,6 @@ class ImageRequest:
     image: ImageName
     client_credentials: Credentials | None
     auth: UpstreamAuth
-    may_challenge: bool  # a 401 with a Basic challenge could make the client send credentials
 
 
 @dataclass(frozen=True)
@@ -148,7 +147,6 @@ def _parse_image_request(request: Request) -> ImageRequest:
         image=image,
         client_credentials=client,
         auth=choose_upstream_auth(settings, target, request.app.state.default_target, client),
-        may_challenge=requires_client_auth or settings.registry_client_auth != "off",
     )
 
 
