@@ -15,6 +15,7 @@ end-of-archive blocks.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import json
@@ -406,6 +407,10 @@ class ArchiveReader:
         data = self._fill(start, end, nowait=True) if self.nowait_supported else None
         if data is None:
             data = await anyio.to_thread.run_sync(self._fill, start, end, False)
+        else:
+            # Always give the loop a turn: a server's send() to a client that hung up returns at once, and
+            # without this a stream would read the rest of the archive before its cancellation could land.
+            await asyncio.sleep(0)
         return data
 
     def close(self) -> None:

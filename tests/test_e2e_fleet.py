@@ -243,3 +243,21 @@ def test_concurrent_downloads_while_a_slow_client_reads(stack, registry, unique_
     finally:
         done.set()
         thread.join()
+
+
+def test_client_hanging_up_stops_the_stream_and_is_logged_incomplete(stack, registry, unique_repo):
+    """A switch whose copy is interrupted: the server stops reading the archive and says so in its log."""
+    registry.push_image(unique_repo, "v1", [make_layer({"zeros.bin": bytes(64 << 20)})])
+    running = stack("embedded")
+    url = url_for(running, registry, unique_repo, "v1")
+    size = len(get(url).body)
+
+    with httpx.Client(timeout=60, trust_env=False) as client, client.stream("GET", url) as response:
+        next(response.iter_raw(1024))  # the first bytes, then hang up
+    deadline = time.monotonic() + 10
+    while "connection closed early" not in running.server.log_text():
+        assert time.monotonic() < deadline, running.server.log_text()[-2000:]
+        time.sleep(0.1)
+    line = next(line for line in running.server.log_text().splitlines() if "connection closed early" in line)
+    sent = int(line.split(" bytes=")[1].split()[0])
+    assert sent < size // 2, line
