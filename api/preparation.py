@@ -49,6 +49,8 @@ log = logging.getLogger("docker_http_passthrough.api")
 ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED}
 # How often a waiter re-checks the job's state when no outcome message arrives.
 CHECK_EVERY = 1.0
+# Requests waiting on the same job share one look at its state for this long.
+LOOK_SHARED_FOR = 0.5
 # A job that started this recently may not have written its first heartbeat yet.
 START_GRACE = 3.0
 
@@ -207,11 +209,15 @@ class QueuePreparer:
         self.settings = settings
         self.store = store
         self.sync = redis_sync.Redis.from_url(settings.redis_url)
-        self.redis = aioredis.Redis.from_url(settings.redis_url)
+        # A fleet means hundreds of waiting requests: they queue for a connection instead of failing when all
+        # are busy (the default pool raises at 100).
+        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=64, timeout=30))
         self.queue = Queue(settings.queue_name, connection=self.sync)
         self.watcher = OutcomeWatcher(self.redis)
         self.watcher.start()
         self.starting: dict[str, asyncio.Future] = {}
+        self.looks: dict[str, tuple[float, asyncio.Future]] = {}
         self.enqueue_threads = anyio.CapacityLimiter(4)
 
     def _job_lost(self, job: Job) -> bool:
@@ -304,11 +310,28 @@ class QueuePreparer:
         problem = None if await self._live_workers() else "no preparation worker is running"
         return {"state": "queued", "problem": problem}
 
+    async def _shared_look(self, job_id: str) -> dict:
+        """Waiters for the same job in this process share one look per LOOK_SHARED_FOR seconds."""
+        now = time.monotonic()
+        entry = self.looks.get(job_id)
+        if entry is None or now - entry[0] > LOOK_SHARED_FOR:
+            entry = (now, asyncio.ensure_future(self._look(job_id)))
+            self.looks[job_id] = entry
+        return await asyncio.shield(entry[1])
+
     async def _wait(self, job_id: str) -> None:
+        try:
+            await self._wait_for_outcome(job_id)
+        finally:
+            entry = self.looks.get(job_id)
+            if entry is not None and entry[1].done():
+                del self.looks[job_id]
+
+    async def _wait_for_outcome(self, job_id: str) -> None:
         deadline = time.monotonic() + self.settings.prepare_timeout
         trouble_since: float | None = None
         while True:
-            look = await self._look(job_id)
+            look = await self._shared_look(job_id)
             if look["state"] == "done":
                 return
             if look["state"] == "failed":
