@@ -198,6 +198,8 @@ class CountingProxy:
 
 class _ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
+    # A fleet connects at once: the default listen backlog of 5 would drop SYNs and stall clients for seconds.
+    request_queue_size = 1024
     block_on_close = False  # idle keep-alive connections must not block stop()
 
     def __init__(self, address: tuple[str, int], handler: type, proxy: CountingProxy) -> None:

@@ -430,6 +430,8 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 class _TokenHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # A fleet connects at once: the default listen backlog of 5 would drop SYNs and stall clients for seconds.
+    request_queue_size = 1024
     block_on_close = False
 
     def __init__(self, address: tuple[str, int], handler: type, tokens: TokenServer) -> None:
