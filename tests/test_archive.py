@@ -24,11 +24,6 @@ from shared.archive import (
 REPO_TAG = "127.0.0.1:5000/team/app:v1"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _make_layer(path: Path, files: dict[str, bytes]) -> LayerFile:
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in files.items():

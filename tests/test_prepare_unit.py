@@ -20,7 +20,6 @@ import httpx
 import pytest
 
 import shared.prepare as prepare
-import shared.registry as registry
 from shared import manifest as mf
 from shared.errors import InvalidContent, NotFound
 from shared.locks import LocalLocks
@@ -32,20 +31,7 @@ GZIP_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_GZIP_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 PLAIN_TYPE = "application/vnd.oci.image.layer.v1.tar"
 REPO = "team/app"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    registry._token_cache.clear()
-    registry._known_challenges.clear()
-    yield
-    registry._token_cache.clear()
-    registry._known_challenges.clear()
+pytestmark = pytest.mark.usefixtures("fresh_registry_caches")
 
 
 @pytest.fixture

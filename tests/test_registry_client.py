@@ -33,20 +33,7 @@ REG = "https://reg.example"
 REALM = "https://auth.example/token"
 SERVICE = "reg.example"
 REPO = "team/app"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    registry._token_cache.clear()
-    registry._known_challenges.clear()
-    yield
-    registry._token_cache.clear()
-    registry._known_challenges.clear()
+pytestmark = pytest.mark.usefixtures("fresh_registry_caches")
 
 
 def sha(data: bytes) -> str:
