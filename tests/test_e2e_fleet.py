@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.downloads import get, tar_members
+from tests.support.downloads import get, get_many, tar_members
 from tests.support.images import make_layer
+from tests.support.services import ServerProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -261,3 +262,39 @@ def test_client_hanging_up_stops_the_stream_and_is_logged_incomplete(stack, regi
     line = next(line for line in running.server.log_text().splitlines() if "connection closed early" in line)
     sent = int(line.split(" bytes=")[1].split()[0])
     assert sent < size // 2, line
+
+
+def test_two_api_processes_and_workers_share_one_volume(stack, registry, unique_repo, tmp_path):
+    """Two API replicas behind a load balancer, two workers, one Redis, one CACHE_DIR: still one preparation."""
+    layers = [_random_layer(f"l{i}", 500_000) for i in range(3)]
+    image = registry.push_image(unique_repo, "v1", layers)
+    running = stack("two-tier", workers=2)
+    second = ServerProcess(running.server_env(), tmp_path / "second-api.log")
+    try:
+        registry.proxy.throttle_bytes_per_second = 2_000_000  # both replicas ask while it is still preparing
+        urls = [url_for(api, registry, unique_repo, "v1") for api in (running, second)] * 6
+        results = get_many(urls)
+    finally:
+        second.stop()
+    assert [r.status for r in results] == [200] * 12
+    assert len({r.body for r in results}) == 1
+    for blob in [image.config_digest] + [layer.digest for layer in layers]:
+        assert registry.proxy.count("GET", kind="blob", path_contains=blob, status=200) == 1
+
+
+def test_leftovers_of_crashed_writes_are_swept_at_start(stack, tmp_path):
+    cache = tmp_path / "shared-cache"
+    leftovers = [cache / "layers" / "sha256" / ("ab" * 32 + ".tar.partial-dead01"),
+                 cache / "blobs" / "sha256" / ("cd" * 32 + ".partial-dead02")]
+    live = cache / "layers" / "sha256" / ("ef" * 32 + ".tar.partial-live03")  # a writer on another host, busy
+    for path in leftovers + [live]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a layer")
+    hour_ago = time.time() - 3600
+    for path in leftovers:
+        os.utime(path, (hour_ago, hour_ago))
+
+    stack("embedded", cache_dir=cache)
+
+    assert not any(path.exists() for path in leftovers)
+    assert live.exists()
