@@ -12,6 +12,7 @@ import os
 import secrets
 import time
 from dataclasses import asdict, dataclass
+from typing import Awaitable, Callable
 
 from shared import manifest as mf
 from shared.errors import InvalidContent
@@ -186,26 +187,33 @@ async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor
     return sink.tar_size
 
 
-async def manifest_bytes(client: RegistryClient, store: Store, digest: str) -> bytes:
-    """A manifest or index by digest: from the store if this registry and repository served it before."""
+async def _small_blob(client: RegistryClient, store: Store, digest: str,
+                      fetch: Callable[[str], Awaitable[bytes]]) -> tuple[bytes, bool]:
+    """A verified small blob (manifest, index, config): from the store if this registry and repository served
+    it before, else fetched and remembered. Returns (bytes, came from the store)."""
     registry, repository = client.target.api_url, client.repository
     data = store.get_blob(digest) if store.seen(registry, repository, digest) else None
-    if data is None:
-        data, _ = await client.get_manifest(digest)
-        store.put_blob(digest, data)
-        store.mark_seen(registry, repository, digest)
-    return data
+    if data is not None:
+        return data, True
+    data = await fetch(digest)
+    store.put_blob(digest, data)
+    store.mark_seen(registry, repository, digest)
+    return data, False
+
+
+async def manifest_bytes(client: RegistryClient, store: Store, digest: str) -> bytes:
+    """A manifest or index by digest."""
+
+    async def fetch(reference: str) -> bytes:
+        return (await client.get_manifest(reference))[0]
+
+    return (await _small_blob(client, store, digest, fetch))[0]
 
 
 async def _config_bytes(client: RegistryClient, store: Store, digest: str) -> bytes:
-    registry, repository = client.target.api_url, client.repository
     with tracer().start_as_current_span("fetch_config_blob", attributes={"oci.image.config.digest": digest}) as span:
-        data = store.get_blob(digest) if store.seen(registry, repository, digest) else None
-        span.set_attribute("dhp.cache.hit", data is not None)
-        if data is None:
-            data = await client.get_blob(digest)
-            store.put_blob(digest, data)
-            store.mark_seen(registry, repository, digest)
+        data, stored = await _small_blob(client, store, digest, client.get_blob)
+        span.set_attribute("dhp.cache.hit", stored)
     return data
 
 
