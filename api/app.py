@@ -13,14 +13,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from api.download import download, job_status, prewarm
-from api.observability import TelemetryMiddleware, metrics
-from api.preparation import EmbeddedPreparer, QueuePreparer
-from api.resolution import ErrorCache
-from shared.registry import new_http_client, target_from_settings
-from shared.settings import Settings
-from shared.store import Store
-from shared.telemetry import flush_tracing, setup_tracing
+from docker_http_passthrough.api.download import download, job_status, prewarm
+from docker_http_passthrough.api.observability import TelemetryMiddleware, metrics
+from docker_http_passthrough.api.preparation import EmbeddedPreparer, QueuePreparer
+from docker_http_passthrough.api.resolution import ErrorCache
+from docker_http_passthrough.shared.registry import new_http_client, target_from_settings
+from docker_http_passthrough.shared.settings import Settings
+from docker_http_passthrough.shared.store import Store
+from docker_http_passthrough.shared.telemetry import flush_tracing, setup_tracing
 
 log = logging.getLogger("docker_http_passthrough.api")
 

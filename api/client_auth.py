@@ -6,9 +6,9 @@ import base64
 import binascii
 from dataclasses import dataclass
 
-from shared.errors import BadRequest
-from shared.registry import Credentials, RegistryTarget
-from shared.settings import Settings
+from docker_http_passthrough.shared.errors import BadRequest
+from docker_http_passthrough.shared.registry import Credentials, RegistryTarget
+from docker_http_passthrough.shared.settings import Settings
 
 CHALLENGE = 'Basic realm="registry credentials"'
 

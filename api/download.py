@@ -16,24 +16,24 @@ from typing import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from api.client_auth import CHALLENGE
-from api.early import plan_before_ready, stream_as_prepared
-from api.ranges import UnsatisfiableRange, requested_range
-from api.resolution import (
+from docker_http_passthrough.api.client_auth import CHALLENGE
+from docker_http_passthrough.api.early import plan_before_ready, stream_as_prepared
+from docker_http_passthrough.api.ranges import UnsatisfiableRange, requested_range
+from docker_http_passthrough.api.resolution import (
     ImageRequest,
     Resolution,
     image_attributes,
     parse_image_request,
     resolve,
 )
-from shared.archive import ArchivePlan, ArchiveReader, plan_archive
-from shared.errors import Forbidden, PassthroughError, Unauthorized
-from shared.eviction import leased, record_use
-from shared.jobs import JobSpec
-from shared.name import repo_tag
-from shared.prepare import job_id_for
-from shared.registry import RegistryClient
-from shared.store import ImageRecord, Store
+from docker_http_passthrough.shared.archive import ArchivePlan, ArchiveReader, plan_archive
+from docker_http_passthrough.shared.errors import Forbidden, PassthroughError, Unauthorized
+from docker_http_passthrough.shared.eviction import leased, record_use
+from docker_http_passthrough.shared.jobs import JobSpec
+from docker_http_passthrough.shared.name import repo_tag
+from docker_http_passthrough.shared.prepare import job_id_for
+from docker_http_passthrough.shared.registry import RegistryClient
+from docker_http_passthrough.shared.store import ImageRecord, Store
 
 log = logging.getLogger("docker_http_passthrough.api")
 # Bump when the archive bytes for the same image change (it is part of the ETag).

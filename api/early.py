@@ -19,12 +19,12 @@ import logging
 import struct
 from typing import AsyncIterator, Awaitable, Callable
 
-from shared import manifest as mf
-from shared.archive import ArchivePlan, LayerFile, iter_archive, plan_archive
-from shared.errors import PassthroughError
-from shared.prepare import diff_ids_of
-from shared.registry import RegistryClient
-from shared.store import Store
+from docker_http_passthrough.shared import manifest as mf
+from docker_http_passthrough.shared.archive import ArchivePlan, LayerFile, iter_archive, plan_archive
+from docker_http_passthrough.shared.errors import PassthroughError
+from docker_http_passthrough.shared.prepare import diff_ids_of
+from docker_http_passthrough.shared.registry import RegistryClient
+from docker_http_passthrough.shared.store import Store
 
 log = logging.getLogger("docker_http_passthrough.api")
 

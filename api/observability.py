@@ -15,8 +15,8 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.metrics import BYTES_SERVED, CACHE, QUEUE_DEPTH, REQUESTS, STORE_BYTES
-from shared.telemetry import current_trace_id, tracer
+from docker_http_passthrough.shared.metrics import BYTES_SERVED, CACHE, QUEUE_DEPTH, REQUESTS, STORE_BYTES
+from docker_http_passthrough.shared.telemetry import current_trace_id, tracer
 
 log = logging.getLogger("docker_http_passthrough.access")
 

@@ -24,9 +24,9 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.utils import utcparse
 
-from shared.errors import PassthroughError, TimedOut, Unavailable
-from shared.eviction import evict
-from shared.jobs import (
+from docker_http_passthrough.shared.errors import PassthroughError, TimedOut, Unavailable
+from docker_http_passthrough.shared.eviction import evict
+from docker_http_passthrough.shared.jobs import (
     JOB_FUNCTION,
     OUTCOME_PATTERN,
     JobSpec,
@@ -36,13 +36,13 @@ from shared.jobs import (
     progress_key,
     seal_credentials,
 )
-from shared.locks import LocalLocks
-from shared.metrics import WAITING_REQUESTS
-from shared.prepare import Progress, image_key, job_id_for, prepare_image
-from shared.registry import Credentials, RegistryClient
-from shared.settings import Settings
-from shared.store import ImageRecord, Store
-from shared.telemetry import inject_context, link_to, tracer
+from docker_http_passthrough.shared.locks import LocalLocks
+from docker_http_passthrough.shared.metrics import WAITING_REQUESTS
+from docker_http_passthrough.shared.prepare import Progress, image_key, job_id_for, prepare_image
+from docker_http_passthrough.shared.registry import Credentials, RegistryClient
+from docker_http_passthrough.shared.settings import Settings
+from docker_http_passthrough.shared.store import ImageRecord, Store
+from docker_http_passthrough.shared.telemetry import inject_context, link_to, tracer
 
 log = logging.getLogger("docker_http_passthrough.api")
 

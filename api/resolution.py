@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from opentelemetry import trace
 from starlette.requests import Request
 
-from api.client_auth import UpstreamAuth, basic_credentials, choose_upstream_auth
-from shared import manifest as mf
-from shared.errors import (
+from docker_http_passthrough.api.client_auth import UpstreamAuth, basic_credentials, choose_upstream_auth
+from docker_http_passthrough.shared import manifest as mf
+from docker_http_passthrough.shared.errors import (
     BadRequest,
     Forbidden,
     NotFound,
@@ -28,11 +28,11 @@ from shared.errors import (
     Unauthorized,
     Unreachable,
 )
-from shared.name import FilenameError, ImageName, parse_filename
-from shared.prepare import image_key, manifest_bytes
-from shared.registry import Credentials, RegistryClient, RegistryTarget, target_from_url
-from shared.store import Store
-from shared.telemetry import tracer
+from docker_http_passthrough.shared.name import FilenameError, ImageName, parse_filename
+from docker_http_passthrough.shared.prepare import image_key, manifest_bytes
+from docker_http_passthrough.shared.registry import Credentials, RegistryClient, RegistryTarget, target_from_url
+from docker_http_passthrough.shared.store import Store
+from docker_http_passthrough.shared.telemetry import tracer
 
 log = logging.getLogger("docker_http_passthrough.api")
 

@@ -6,8 +6,8 @@ import ctypes
 
 import uvicorn
 
-from api.app import create_app
-from shared.settings import Settings
+from docker_http_passthrough.api.app import create_app
+from docker_http_passthrough.shared.settings import Settings
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:

@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 
-from shared.settings import SettingsError, load_settings
-from shared.telemetry import configure_logging
+from docker_http_passthrough.shared.settings import SettingsError, load_settings
+from docker_http_passthrough.shared.telemetry import configure_logging
 
 
 def log_level(env: dict | os._Environ) -> int:
@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(log_level(os.environ), settings.log_json)
 
     if args.command == "serve":
-        from api.server import run
+        from docker_http_passthrough.api.server import run
 
         run(settings, args.host, args.port)
     else:
-        from worker.main import run
+        from docker_http_passthrough.worker.main import run
 
         run(settings, burst=args.burst, name=args.name)
 

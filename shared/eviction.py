@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from shared.metrics import EVICTIONS
-from shared.store import Store
+from docker_http_passthrough.shared.metrics import EVICTIONS
+from docker_http_passthrough.shared.store import Store
 
 log = logging.getLogger("docker_http_passthrough.eviction")
 

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from shared.registry import Credentials, RegistryTarget
+from docker_http_passthrough.shared.registry import Credentials, RegistryTarget
 
 # Enqueued by name so the API never imports the worker package.
-JOB_FUNCTION = "worker.jobs.prepare"
+JOB_FUNCTION = "docker_http_passthrough.worker.jobs.prepare"
 
 CREDENTIAL_SOURCES = ("anonymous", "settings", "client")
 

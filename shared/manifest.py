@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from shared.errors import InvalidContent, NotFound, Unsupported
+from docker_http_passthrough.shared.errors import InvalidContent, NotFound, Unsupported
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"

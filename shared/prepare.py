@@ -14,14 +14,14 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Awaitable, Callable
 
-from shared import manifest as mf
-from shared.errors import InvalidContent
-from shared.eviction import LEASE_REFRESH, Leases, leased, record_use
-from shared.locks import Locks
-from shared.metrics import JOBS_IN_FLIGHT, PREPARE_SECONDS, UPSTREAM_BYTES
-from shared.registry import RegistryClient
-from shared.store import ImageRecord, PreparedLayer, Store
-from shared.telemetry import tracer
+from docker_http_passthrough.shared import manifest as mf
+from docker_http_passthrough.shared.errors import InvalidContent
+from docker_http_passthrough.shared.eviction import LEASE_REFRESH, Leases, leased, record_use
+from docker_http_passthrough.shared.locks import Locks
+from docker_http_passthrough.shared.metrics import JOBS_IN_FLIGHT, PREPARE_SECONDS, UPSTREAM_BYTES
+from docker_http_passthrough.shared.registry import RegistryClient
+from docker_http_passthrough.shared.store import ImageRecord, PreparedLayer, Store
+from docker_http_passthrough.shared.telemetry import tracer
 
 try:  # isal inflates ~1.7x faster than stdlib zlib, same interface
     from isal import isal_zlib as zlib_impl

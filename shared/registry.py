@@ -20,8 +20,8 @@ from urllib.parse import quote, urlsplit
 import httpx
 from opentelemetry.trace import SpanKind
 
-from shared import manifest as mf
-from shared.errors import (
+from docker_http_passthrough.shared import manifest as mf
+from docker_http_passthrough.shared.errors import (
     BadRequest,
     Forbidden,
     InvalidContent,
@@ -31,10 +31,10 @@ from shared.errors import (
     Unauthorized,
     Unreachable,
 )
-from shared.metrics import UPSTREAM
-from shared.name import DOCKER_HUB_HOSTS
-from shared.settings import DOCKER_HUB_API, Settings
-from shared.telemetry import tracer
+from docker_http_passthrough.shared.metrics import UPSTREAM
+from docker_http_passthrough.shared.name import DOCKER_HUB_HOSTS
+from docker_http_passthrough.shared.settings import DOCKER_HUB_API, Settings
+from docker_http_passthrough.shared.telemetry import tracer
 
 DOCKER_HUB_TOKEN_URL = "https://auth.docker.io/token"
 DOCKER_HUB_SERVICE = "registry.docker.io"

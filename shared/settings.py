@@ -145,7 +145,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     namespace = _optional(env, "REGISTRY_DEFAULT_NAMESPACE")
     if namespace is not None:
-        from shared.name import parse_filename
+        from docker_http_passthrough.shared.name import parse_filename
 
         try:
             parse_filename("x_latest.tar", docker_hub=False, default_namespace=namespace)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from shared.archive import LayerFile
+from docker_http_passthrough.shared.archive import LayerFile
 
 TEMP_MARK = ".partial-"
 _DIRS = ("blobs/sha256", "layers/sha256", "images", "links", "seen", "tags", "used", "leases")

@@ -27,7 +27,7 @@ def anyio_backend() -> str:
 @pytest.fixture
 def fresh_registry_caches():
     """The registry client's per-process token and challenge caches, empty before and after a test."""
-    from shared import registry
+    from docker_http_passthrough.shared import registry
 
     registry._token_cache.clear()
     registry._known_challenges.clear()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.archive import (
+from docker_http_passthrough.shared.archive import (
     MAX_MEMBER_SIZE,
     ArchivePlan,
     ArchiveSourceError,

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from shared import eviction
-from shared.eviction import evict, leased, record_use
-from shared.store import Store
+from docker_http_passthrough.shared import eviction
+from docker_http_passthrough.shared.eviction import evict, leased, record_use
+from docker_http_passthrough.shared.store import Store
 
 
 def _layer(store: Store, content: bytes, used_seconds_ago: float | None) -> str:

@@ -7,10 +7,10 @@ import pickle
 
 import pytest
 
-from api.client_auth import choose_upstream_auth
-from shared.jobs import CREDENTIAL_SOURCES, JobSpec, seal_credentials, unseal_credentials
-from shared.registry import Credentials, RegistryTarget, target_from_settings, target_from_url
-from shared.settings import load_settings
+from docker_http_passthrough.api.client_auth import choose_upstream_auth
+from docker_http_passthrough.shared.jobs import CREDENTIAL_SOURCES, JobSpec, seal_credentials, unseal_credentials
+from docker_http_passthrough.shared.registry import Credentials, RegistryTarget, target_from_settings, target_from_url
+from docker_http_passthrough.shared.settings import load_settings
 
 PASSWORD = "Sw1tch-P4ssw0rd-do-not-leak"
 KEY = "a long random shared secret"

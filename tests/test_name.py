@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 
-from shared.name import (
+from docker_http_passthrough.shared.name import (
     DOCKER_HUB_HOSTS,
     FilenameError,
     ImageName,

@@ -19,13 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-import shared.prepare as prepare
-from shared import manifest as mf
-from shared.errors import InvalidContent, NotFound
-from shared.locks import LocalLocks
-from shared.prepare import _LayerSink, fetch_layer, image_key, prepare_image
-from shared.registry import RegistryClient, RegistryTarget
-from shared.store import TEMP_MARK, Store
+import docker_http_passthrough.shared.prepare as prepare
+from docker_http_passthrough.shared import manifest as mf
+from docker_http_passthrough.shared.errors import InvalidContent, NotFound
+from docker_http_passthrough.shared.locks import LocalLocks
+from docker_http_passthrough.shared.prepare import _LayerSink, fetch_layer, image_key, prepare_image
+from docker_http_passthrough.shared.registry import RegistryClient, RegistryTarget
+from docker_http_passthrough.shared.store import TEMP_MARK, Store
 
 GZIP_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_GZIP_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"

@@ -15,10 +15,10 @@ import types
 import httpx
 import pytest
 
-import shared.registry as registry
-from shared import manifest as mf
-from shared.errors import Forbidden, InvalidContent, NotFound, TimedOut, Unauthorized, Unreachable, Unsupported
-from shared.registry import (
+import docker_http_passthrough.shared.registry as registry
+from docker_http_passthrough.shared import manifest as mf
+from docker_http_passthrough.shared.errors import Forbidden, InvalidContent, NotFound, TimedOut, Unauthorized, Unreachable, Unsupported
+from docker_http_passthrough.shared.registry import (
     DOCKER_HUB_SERVICE,
     DOCKER_HUB_TOKEN_URL,
     Credentials,
@@ -27,7 +27,7 @@ from shared.registry import (
     target_from_settings,
     target_from_url,
 )
-from shared.settings import load_settings
+from docker_http_passthrough.shared.settings import load_settings
 
 REG = "https://reg.example"
 REALM = "https://auth.example/token"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.settings import DOCKER_HUB_API, Settings, SettingsError, load_settings
+from docker_http_passthrough.shared.settings import DOCKER_HUB_API, Settings, SettingsError, load_settings
 
 
 def test_defaults():

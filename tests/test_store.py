@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.store import TEMP_MARK, ImageRecord, PreparedLayer, Store
+from docker_http_passthrough.shared.store import TEMP_MARK, ImageRecord, PreparedLayer, Store
 
 
 def sha(data: bytes) -> str:

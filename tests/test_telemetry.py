@@ -34,12 +34,12 @@ from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-import shared.registry as registry_module
-from api.app import create_app
-from api.observability import TelemetryMiddleware
+import docker_http_passthrough.shared.registry as registry_module
+from docker_http_passthrough.api.app import create_app
+from docker_http_passthrough.api.observability import TelemetryMiddleware
 from docker_http_passthrough.cli import log_level
-from shared.settings import load_settings
-from shared.telemetry import (
+from docker_http_passthrough.shared.settings import load_settings
+from docker_http_passthrough.shared.telemetry import (
     JsonFormatter,
     extract_context,
     flush_tracing,
@@ -643,7 +643,7 @@ def test_setup_tracing_with_endpoint_in_a_fresh_process():
     code = """
 import json
 from opentelemetry import trace
-from shared.telemetry import setup_tracing, flush_tracing
+from docker_http_passthrough.shared.telemetry import setup_tracing, flush_tracing
 assert not setup_tracing("worker", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_SDK_DISABLED": "true"})
 assert type(trace.get_tracer_provider()).__name__ == "ProxyTracerProvider"
 assert setup_tracing("worker", {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9", "OTEL_SERVICE_NAME": "dhp-x"})

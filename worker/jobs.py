@@ -11,9 +11,9 @@ import redis.asyncio as aioredis
 from opentelemetry import context as otel_context
 from rq import get_current_job
 
-from shared.errors import PassthroughError
-from shared.eviction import evict
-from shared.jobs import (
+from docker_http_passthrough.shared.errors import PassthroughError
+from docker_http_passthrough.shared.eviction import evict
+from docker_http_passthrough.shared.jobs import (
     CREDENTIAL_SOURCES,
     JobSpec,
     credentials_key,
@@ -22,12 +22,12 @@ from shared.jobs import (
     progress_key,
     unseal_credentials,
 )
-from shared.locks import RedisLocks
-from shared.prepare import Progress, prepare_image
-from shared.registry import Credentials, RegistryClient, new_http_client
-from shared.settings import Settings, load_settings
-from shared.store import Store
-from shared.telemetry import extract_context, flush_tracing, setup_tracing
+from docker_http_passthrough.shared.locks import RedisLocks
+from docker_http_passthrough.shared.prepare import Progress, prepare_image
+from docker_http_passthrough.shared.registry import Credentials, RegistryClient, new_http_client
+from docker_http_passthrough.shared.settings import Settings, load_settings
+from docker_http_passthrough.shared.store import Store
+from docker_http_passthrough.shared.telemetry import extract_context, flush_tracing, setup_tracing
 
 log = logging.getLogger("docker_http_passthrough.worker")
 

@@ -8,8 +8,8 @@ from prometheus_client import start_http_server
 from redis import Redis
 from rq import Queue, SimpleWorker
 
-from shared.settings import Settings
-from shared.store import Store
+from docker_http_passthrough.shared.settings import Settings
+from docker_http_passthrough.shared.store import Store
 
 log = logging.getLogger("docker_http_passthrough.worker")
 
