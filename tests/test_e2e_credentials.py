@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from tests.support.downloads import get, tar_members
-from tests.support.images import DOCKER_MANIFEST, make_config, make_layer, sha256_digest
+from tests.support.images import DOCKER_MANIFEST, make_config, make_layer, sha
 from tests.support.registry import htpasswd_auth
 from tests.support.rogue_registry import RogueRegistry
 
@@ -206,12 +206,12 @@ def test_cross_registry_digest_attack_reads_nothing(mode, stack, token_registry,
     config = make_config([layer])
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": sha256_digest(config),
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": sha(config),
                    "size": len(config)},
         "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": layer.digest,
                     "size": len(layer.blob)}],
     }).encode()
-    with RogueRegistry("evil/app", "v1", manifest, DOCKER_MANIFEST, {sha256_digest(config): config}) as rogue:
+    with RogueRegistry("evil/app", "v1", manifest, DOCKER_MANIFEST, {sha(config): config}) as rogue:
         result = get(registry_url(running, rogue.host, "evil/app", "v1"))
         assert result.status in (404, 502), result.status
         assert layer.tar not in result.body

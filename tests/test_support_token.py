@@ -19,13 +19,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.support.images import MANIFEST_ACCEPT, PushedImage, make_layer
+from tests.support.images import MANIFEST_ACCEPT, make_layer
+from tests.support.pushing import PushedImage
 from tests.support.token_fixtures import TokenRegistry, TokenRegistryFactory
-from tests.support.token_server import (
-    TokenServer,
-    decode_jwt,
-    parse_bearer_challenge,
-)
+from tests.support.bearer_client import parse_bearer_challenge
+from tests.support.jwt_signing import decode_jwt
+from tests.support.token_server import TokenServer
 
 
 @pytest.fixture

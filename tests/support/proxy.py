@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import http.client
 import re
-import socket
-import sys
 import threading
 import time
-import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
+
+from tests.support.lifecycle import ThreadedServer
 
 Kind = Literal["manifest", "blob", "upload", "base"]
 
@@ -95,36 +94,16 @@ class CountingProxy:
         self.fail_status: dict[str, int] = {}
         self.delay_seconds_before_headers: float = 0.0
 
-        self._server: _ProxyServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server = ThreadedServer(_ProxyHandler, "CountingProxy", proxy=self)
 
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self) -> CountingProxy:
-        if self._server is not None:
-            return self
-        # Binding port 0 directly avoids the free_port() race.
-        server = _ProxyServer(("127.0.0.1", 0), _ProxyHandler, self)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"CountingProxy:{server.server_address[1]}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.close_all_connections()  # don't leave keep-alive handler threads behind
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._server.stop()
 
     def __enter__(self) -> CountingProxy:
         return self.start()
@@ -134,9 +113,7 @@ class CountingProxy:
 
     @property
     def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("CountingProxy is not started")
-        return int(self._server.server_address[1])
+        return self._server.port
 
     @property
     def host(self) -> str:
@@ -196,45 +173,6 @@ class CountingProxy:
         return value
 
 
-class _ProxyServer(ThreadingHTTPServer):
-    daemon_threads = True
-    # A fleet connects at once: the default listen backlog of 5 would drop SYNs and stall clients for seconds.
-    request_queue_size = 1024
-    block_on_close = False  # idle keep-alive connections must not block stop()
-
-    def __init__(self, address: tuple[str, int], handler: type, proxy: CountingProxy) -> None:
-        self.proxy = proxy
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-        super().__init__(address, handler)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, address = super().get_request()
-        with self._connections_lock:
-            self._connections.add(sock)
-        return sock, address
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._connections_lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
-
-    def close_all_connections(self) -> None:
-        with self._connections_lock:
-            connections = list(self._connections)
-        for sock in connections:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients hanging up mid-stream is normal in tests; only report real bugs.
-        if isinstance(sys.exc_info()[1], OSError):  # resets, broken pipes, timeouts
-            return
-        traceback.print_exc()
-
-
 class _ClientGone(Exception):
     """The downstream client disconnected; abandon this connection."""
 
@@ -243,7 +181,6 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive + chunked responses
     disable_nagle_algorithm = True
     timeout = 120  # reap idle keep-alive connections eventually
-    server: _ProxyServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass  # no per-request noise on stderr

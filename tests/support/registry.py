@@ -9,28 +9,17 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from tests.support.lifecycle import free_port, open_log, tail, terminate, wait_until
+
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 STARTUP_TIMEOUT_SECONDS = 15.0
-
-
-def free_port() -> int:
-    """Return a currently free TCP port on 127.0.0.1.
-
-    The port is released before returning, so another process could grab it
-    in between; ``start_registry`` retries on "address already in use".
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -42,7 +31,6 @@ class RegistryProcess:
     workdir: Path
     config_path: Path
     log_path: Path
-    _log_file: Any = field(repr=False, default=None)
 
     @property
     def host(self) -> str:
@@ -57,20 +45,11 @@ class RegistryProcess:
         return self.workdir / "storage"
 
     def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log_path, lines)
+        return tail(self.log_path, lines)
 
     def stop(self) -> None:
         """Terminate the registry (SIGTERM, then SIGKILL after 5 s). Idempotent."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        terminate(self.process, grace=5)
 
     def __enter__(self) -> RegistryProcess:
         return self
@@ -112,87 +91,48 @@ def start_registry(
             f"{REGISTRY_BINARY} not found; install Debian's docker-registry package"
         )
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-
-    last_error: RuntimeError | None = None
+    (workdir / "storage").mkdir(parents=True, exist_ok=True)
+    log_tail = ""
     for _attempt in range(3):  # free_port() is racy; retry a taken port
-        try:
-            return _start_once(workdir, auth, timeout)
-        except _PortTaken as exc:
-            last_error = RuntimeError(str(exc))
-    assert last_error is not None
-    raise last_error
+        registry = _spawn(workdir, auth)
+        if wait_until(lambda: _answers(registry), timeout, registry.process, interval=0.05):
+            return registry
+        registry.stop()
+        log_tail = registry.log_tail()
+        if "address already in use" not in log_tail:
+            break
+    raise RuntimeError(
+        f"docker-registry did not answer GET /v2/ within {timeout} s (exit code {registry.process.returncode}); "
+        f"log tail ({registry.log_path}):\n{log_tail}"
+    )
 
 
-class _PortTaken(RuntimeError):
-    pass
-
-
-def _start_once(workdir: Path, auth: dict[str, Any] | None, timeout: float) -> RegistryProcess:
+def _spawn(workdir: Path, auth: dict[str, Any] | None) -> RegistryProcess:
     port = free_port()
-    storage_dir = workdir / "storage"
-    storage_dir.mkdir(exist_ok=True)
     config_path = workdir / "config.yml"
     # JSON is valid YAML, and saves us a YAML writer.
-    config_path.write_text(json.dumps(registry_config(storage_dir, port, auth), indent=2))
+    config_path.write_text(json.dumps(registry_config(workdir / "storage", port, auth), indent=2))
     log_path = workdir / "registry.log"
-
     # REGISTRY_* variables override the config file in distribution; drop any
     # inherited ones so the config above is the whole truth.
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-    log_file = open(log_path, "ab")
-    process = subprocess.Popen(
-        [REGISTRY_BINARY, "serve", str(config_path)],
-        cwd=workdir,
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    registry = RegistryProcess(process, port, workdir, config_path, log_path, log_file)
-    try:
-        _wait_until_ready(registry, timeout)
-    except BaseException:
-        registry.stop()
-        raise
-    return registry
+    with open_log(log_path) as log:
+        process = subprocess.Popen(
+            [REGISTRY_BINARY, "serve", str(config_path)],
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # lets stop() reach it as a session
+        )
+    return RegistryProcess(process, port, workdir, config_path, log_path)
 
 
-def _wait_until_ready(registry: RegistryProcess, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last_problem = "no answer yet"
+def _answers(registry: RegistryProcess) -> bool:
     # trust_env=False: never route loopback traffic through an HTTP(S)_PROXY.
-    with httpx.Client(timeout=2.0, trust_env=False) as client:
-        while time.monotonic() < deadline:
-            if registry.process.poll() is not None:
-                tail = registry.log_tail()
-                if "address already in use" in tail:
-                    raise _PortTaken(f"port {registry.port} was taken:\n{tail}")
-                raise RuntimeError(
-                    f"docker-registry exited with code {registry.process.returncode} "
-                    f"during startup; log tail ({registry.log_path}):\n{tail}"
-                )
-            try:
-                response = client.get(f"{registry.url}/v2/")
-                if response.status_code in (200, 401):
-                    return
-                last_problem = f"GET /v2/ answered {response.status_code}"
-            except httpx.TransportError as exc:
-                last_problem = repr(exc)
-            time.sleep(0.05)
-    raise RuntimeError(
-        f"docker-registry did not answer GET /v2/ on {registry.url} within {timeout} s "
-        f"({last_problem}); log tail ({registry.log_path}):\n{registry.log_tail()}"
-    )
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"<cannot read {path}: {exc}>"
-    return "\n".join(text.splitlines()[-lines:])
-
+    response = httpx.get(f"{registry.url}/v2/", timeout=2.0, trust_env=False)
+    return response.status_code in (200, 401)
 
 
 def htpasswd_auth(

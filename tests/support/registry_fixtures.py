@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from tests.support import images
-from tests.support.images import Auth, Layer, PushedImage
+from tests.support import pushing
+from tests.support.images import Auth, Layer
+from tests.support.pushing import PushedImage
 from tests.support.proxy import CountingProxy
 from tests.support.registry import RegistryProcess, start_registry
 
@@ -60,9 +61,9 @@ class RegistryUnderTest:
         config: bytes | None = None,
         **kwargs: Any,
     ) -> PushedImage:
-        """``images.push_image`` straight to the registry (bypasses the proxy)."""
+        """``pushing.push_image`` straight to the registry (bypasses the proxy)."""
         kwargs.setdefault("auth", self.push_auth)
-        return images.push_image(self.direct_url, repository, tag, layers, config, **kwargs)
+        return pushing.push_image(self.direct_url, repository, tag, layers, config, **kwargs)
 
     def push_index(
         self,
@@ -71,13 +72,13 @@ class RegistryUnderTest:
         entries: Sequence[tuple[PushedImage, Mapping[str, str]]],
         **kwargs: Any,
     ) -> tuple[bytes, str]:
-        """``images.push_index`` straight to the registry (bypasses the proxy)."""
+        """``pushing.push_index`` straight to the registry (bypasses the proxy)."""
         kwargs.setdefault("auth", self.push_auth)
-        return images.push_index(self.direct_url, repository, tag, entries, **kwargs)
+        return pushing.push_index(self.direct_url, repository, tag, entries, **kwargs)
 
     def push_blob(self, repository: str, data: bytes, **kwargs: Any) -> str:
         kwargs.setdefault("auth", self.push_auth)
-        return images.push_blob(self.direct_url, repository, data, **kwargs)
+        return pushing.push_blob(self.direct_url, repository, data, **kwargs)
 
     def stop(self) -> None:
         self.proxy.stop()

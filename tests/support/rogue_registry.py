@@ -6,9 +6,10 @@ software is simulated here: it names a private layer's digests without having it
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.support.images import sha
+from tests.support.lifecycle import ThreadedServer
 
 
 class RogueRegistry:
@@ -17,52 +18,54 @@ class RogueRegistry:
         self.tag = tag
         self.manifest = manifest
         self.media_type = media_type
-        self.digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        self.digest = sha(manifest)
         self.blobs = blobs  # what it really holds (e.g. its config), by digest
         self.requests: list[tuple[str, str, int]] = []
-        rogue = self
+        self._server = ThreadedServer(_RogueHandler, "RogueRegistry", rogue=self)
 
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self, body: bool) -> None:
-                path = self.path.split("?")[0]
-                status, headers, data = 404, {"Content-Type": "application/json"}, b'{"errors":[]}'
-                if path == "/v2/":
-                    status, data = 200, b"{}"
-                elif path in (f"/v2/{rogue.repository}/manifests/{rogue.tag}",
-                              f"/v2/{rogue.repository}/manifests/{rogue.digest}"):
-                    status, data = 200, rogue.manifest
-                    headers = {"Content-Type": rogue.media_type, "Docker-Content-Digest": rogue.digest}
-                elif path.startswith(f"/v2/{rogue.repository}/blobs/"):
-                    blob = rogue.blobs.get(path.rsplit("/", 1)[1])
-                    if blob is not None:
-                        status, data = 200, blob
-                        headers = {"Content-Type": "application/octet-stream"}
-                rogue.requests.append((self.command, path, status))
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if body:
-                    self.wfile.write(data)
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self._server.port}"
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                self._answer(True)
+    def answer(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body) for a GET or HEAD of ``path``."""
+        if path == "/v2/":
+            return 200, {"Content-Type": "application/json"}, b"{}"
+        if path in (f"/v2/{self.repository}/manifests/{self.tag}", f"/v2/{self.repository}/manifests/{self.digest}"):
+            return 200, {"Content-Type": self.media_type, "Docker-Content-Digest": self.digest}, self.manifest
+        if path.startswith(f"/v2/{self.repository}/blobs/"):
+            blob = self.blobs.get(path.rsplit("/", 1)[1])
+            if blob is not None:
+                return 200, {"Content-Type": "application/octet-stream"}, blob
+        return 404, {"Content-Type": "application/json"}, b'{"errors":[]}'
 
-            def do_HEAD(self) -> None:  # noqa: N802
-                self._answer(False)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "RogueRegistry":
-        self.thread.start()
+    def __enter__(self) -> RogueRegistry:
+        self._server.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._server.stop()
+
+
+class _RogueHandler(BaseHTTPRequestHandler):
+    def _answer(self, body: bool) -> None:
+        rogue: RogueRegistry = self.server.rogue  # type: ignore[attr-defined]
+        path = self.path.split("?")[0]
+        status, headers, data = rogue.answer(path)
+        rogue.requests.append((self.command, path, status))
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._answer(True)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._answer(False)
+
+    def log_message(self, *args: object) -> None:
+        pass

@@ -10,44 +10,31 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
-
-from tests.support.registry import free_port  # noqa: F401 - re-exported for fixtures and tests
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Mapping
+from typing import Mapping
 
 import httpx
 import pytest
 import redis
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-# Environment variables worth passing to child processes. Everything else
-# (REDIS_URL, CACHE_DIR, DOCKER_HOST, proxies, ...) is dropped so that a
-# developer's shell cannot silently change what a test exercises.
-_INHERITED_ENV = (
-    "PATH",
-    "HOME",
-    "USER",
-    "LOGNAME",
-    "LANG",
-    "LANGUAGE",
-    "TZ",
-    "TMPDIR",
-    "VIRTUAL_ENV",
-    "PYTHONPATH",
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
+from tests.support.lifecycle import (  # noqa: F401 - free_port, port_is_free, find_binary: re-exported for tests
+    child_env,
+    exited,
+    find_binary,
+    free_port,
+    kill_session,
+    open_log,
+    port_is_free,
+    process_table,
+    tail,
+    terminate,
+    wait_until,
 )
-_INHERITED_ENV_PREFIXES = ("LC_", "COVERAGE_")
 
-
-# --------------------------------------------------------------------------- helpers
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def require(condition: bool, reason: str) -> None:
@@ -61,159 +48,6 @@ def require(condition: bool, reason: str) -> None:
     if os.environ.get("DHP_REQUIRE_ALL") == "1":
         pytest.fail(f"{reason} (DHP_REQUIRE_ALL=1 forbids skipping)", pytrace=False)
     pytest.skip(reason)
-
-
-def find_binary(name: str) -> str | None:
-    """``name`` on PATH, or in the sbin/bin dirs a non-login PATH may lack (dockerd)."""
-    found = shutil.which(name)
-    if found:
-        return found
-    for directory in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"):
-        candidate = Path(directory) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    return None
-
-
-def port_is_free(port: int) -> bool:
-    """Could a server listen on 127.0.0.1:port now? (TIME_WAIT leftovers don't count.)"""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A minimal copy of os.environ with ``env`` merged over it."""
-    base = {
-        key: value
-        for key, value in os.environ.items()
-        if key in _INHERITED_ENV or key.startswith(_INHERITED_ENV_PREFIXES)
-    }
-    base.update(env or {})
-    # Logs must reach the log file even when the process is SIGKILLed.
-    base["PYTHONUNBUFFERED"] = "1"
-    return base
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"<no log at {path}: {exc}>"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _exited(proc: subprocess.Popen) -> bool:
-    """Has the process exited? Does not reap it.
-
-    Leaving the exited leader as a zombie keeps its pid (= the process group id)
-    reserved, so a later killpg() cannot hit an unrelated process group.
-    """
-    if proc.returncode is not None:
-        return True
-    try:
-        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
-
-
-def _wait_until(
-    predicate: Callable[[], bool],
-    timeout: float,
-    proc: subprocess.Popen | None = None,
-    interval: float = 0.1,
-) -> bool:
-    """Poll ``predicate`` until true; give up early if ``proc`` has exited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return True
-        except Exception:  # not up yet: connection refused, LOADING, ...
-            pass
-        if proc is not None and _exited(proc):
-            return False
-        time.sleep(interval)
-    return False
-
-
-def _terminate(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the process group, wait ``grace`` s for the leader, then SIGKILL the session.
-
-    The final SIGKILL also reaches children that outlive a clean exit of the leader.
-    It targets the whole session, not just the group, because an RQ work horse moves
-    itself into a process group of its own (os.setpgrp) but stays in the session.
-    All our children are started with start_new_session=True, so the session holds
-    nothing but processes we started.
-    """
-    if proc.returncode is not None:
-        return  # already stopped and reaped
-    _killpg(proc, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while not _exited(proc) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    _kill_session(proc, signal.SIGKILL)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def _killpg(proc: subprocess.Popen, sig: signal.Signals) -> None:
-    if proc.returncode is not None:
-        return  # reaped: its pgid may no longer be ours
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _kill_session(proc: subprocess.Popen, sig: signal.Signals) -> None:
-    """Signal every process in the session led by ``proc`` (which must be unreaped)."""
-    if proc.returncode is not None:
-        return  # reaped: its session id may no longer be ours
-    _killpg(proc, sig)
-    for pid, info in _process_table().items():
-        if info.sid == proc.pid and pid != os.getpid():
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-@dataclass(frozen=True)
-class _ProcInfo:
-    ppid: int
-    sid: int
-    cmdline: str
-
-
-def _process_table() -> dict[int, _ProcInfo]:
-    """pid -> parent, session and command line, read from /proc."""
-    table: dict[int, _ProcInfo] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue  # exited meanwhile
-        # Fields after "(comm)": state ppid pgrp session ...
-        fields = stat.rsplit(")", 1)[1].split()
-        table[int(entry.name)] = _ProcInfo(
-            ppid=int(fields[1]), sid=int(fields[3]), cmdline=cmdline.decode(errors="replace")
-        )
-    return table
-
-
-def _open_log(path: Path) -> IO[bytes]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "ab")
 
 
 # --------------------------------------------------------------------------- redis
@@ -239,7 +73,7 @@ class RedisProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        _terminate(self.proc, grace=10)
+        terminate(self.proc, grace=10)
 
     def __repr__(self) -> str:
         return f"<RedisProcess {self.url} pid={self.pid}>"
@@ -255,7 +89,7 @@ def start_redis(workdir: Path, timeout: float = 10.0) -> RedisProcess:
     for _attempt in range(3):  # free_port() can race with another process
         port = free_port()
         log_path = workdir / f"redis-{port}.log"
-        with _open_log(log_path) as log:
+        with open_log(log_path) as log:
             proc = subprocess.Popen(
                 [
                     binary,
@@ -274,7 +108,7 @@ def start_redis(workdir: Path, timeout: float = 10.0) -> RedisProcess:
         server = RedisProcess(proc, port, log_path)
         probe = server.client(socket_timeout=1)
         try:
-            if _wait_until(lambda: bool(probe.ping()), timeout, proc):
+            if wait_until(lambda: bool(probe.ping()), timeout, proc):
                 return server
         finally:
             probe.close()
@@ -330,7 +164,7 @@ class DockerEngine:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if not _exited(self.proc):
+        if not exited(self.proc):
             # Remove containers first so dockerd does not spend its grace period on them.
             try:
                 ids = self.run("ps", "-aq", check=False, timeout=15).stdout.split()
@@ -338,7 +172,7 @@ class DockerEngine:
                     self.run("rm", "-f", *ids, check=False, timeout=60)
             except (subprocess.TimeoutExpired, OSError):
                 pass
-        _terminate(self.proc, grace=20)
+        terminate(self.proc, grace=20)
         # dockerd starts containerd in a session of its own; it only goes away by
         # itself when dockerd shuts down cleanly.
         _kill_processes_mentioning(str(self.exec_root))
@@ -367,7 +201,7 @@ def start_dockerd(timeout: float = 60.0) -> DockerEngine:
         f"--exec-root={base_dir / 'exec'}",
         f"--pidfile={base_dir / 'pid'}",
     ]
-    with _open_log(base_dir / "dockerd.log") as log:
+    with open_log(base_dir / "dockerd.log") as log:
         proc = subprocess.Popen(
             engine_args,
             stdin=subprocess.DEVNULL,
@@ -380,7 +214,7 @@ def start_dockerd(timeout: float = 60.0) -> DockerEngine:
     def answers() -> bool:
         return engine.run("version", check=False, timeout=10).returncode == 0
 
-    if not _wait_until(answers, timeout, proc, interval=0.5):
+    if not wait_until(answers, timeout, proc, interval=0.5):
         log_tail = tail(engine.log_path)
         engine.stop()
         raise RuntimeError(f"dockerd did not answer within {timeout:.0f}s:\n{log_tail}")
@@ -390,7 +224,7 @@ def start_dockerd(timeout: float = 60.0) -> DockerEngine:
 def _kill_processes_mentioning(needle: str) -> None:
     """SIGKILL processes whose command line contains ``needle`` (a path unique to us),
     and all their descendants (containerd-shim -> container processes)."""
-    table = _process_table()
+    table = process_table()
     doomed = {pid for pid, info in table.items() if needle in info.cmdline}
     doomed.discard(os.getpid())
     while True:  # close over descendants: containers are children of the shims
@@ -438,18 +272,18 @@ class _ProjectProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def alive(self) -> bool:
-        return not _exited(self.proc)
+        return not exited(self.proc)
 
     def kill(self) -> None:
         """SIGKILL the process and everything it forked (e.g. an RQ work horse)."""
-        _kill_session(self.proc, signal.SIGKILL)
+        kill_session(self.proc, signal.SIGKILL)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             pass
 
     def _spawn(self, args: list[str], env: Mapping[str, str] | None) -> subprocess.Popen:
-        with _open_log(self.log_path) as log:
+        with open_log(self.log_path) as log:
             return subprocess.Popen(
                 [sys.executable, "-m", self.module, *args],
                 cwd=REPO_ROOT,
@@ -484,7 +318,7 @@ class ServerProcess(_ProjectProcess):
             self.proc = self._spawn(
                 ["serve", "--host", "127.0.0.1", "--port", str(self.port)], self.env
             )
-            if _wait_until(self._healthy, timeout, self.proc, interval=0.1):
+            if wait_until(self._healthy, timeout, self.proc, interval=0.1):
                 return
             log = self.log_text()
             self.stop()
@@ -500,7 +334,7 @@ class ServerProcess(_ProjectProcess):
         return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
 
     def stop(self) -> None:
-        _terminate(self.proc, grace=10)
+        terminate(self.proc, grace=10)
 
     def __repr__(self) -> str:
         return f"<ServerProcess {self.url} pid={self.pid}>"
@@ -525,7 +359,7 @@ class WorkerProcess(_ProjectProcess):
         try:
             before = conn.scard("rq:workers")
             self.proc = self._spawn(["worker"], self.env)
-            registered = _wait_until(
+            registered = wait_until(
                 lambda: self._registered(conn, before), timeout, self.proc, interval=0.1
             )
         finally:
@@ -547,7 +381,7 @@ class WorkerProcess(_ProjectProcess):
 
     def stop(self) -> None:
         """Warm shutdown (SIGTERM lets RQ unregister), after 10 s SIGKILL the whole session."""
-        _terminate(self.proc, grace=10)
+        terminate(self.proc, grace=10)
 
     def __repr__(self) -> str:
         return f"<WorkerProcess pid={self.pid} redis={self.redis_url}>"

@@ -30,7 +30,8 @@ from typing import Any
 import pytest
 
 from tests.support.registry_fixtures import RegistryUnderTest, launch_registry
-from tests.support.token_server import AccessPolicy, BearerPushAuth, TokenServer
+from tests.support.bearer_client import BearerPushAuth
+from tests.support.token_server import AccessPolicy, TokenServer
 
 PUSH_USER = "pusher"
 PUSH_PASSWORD = "pushpw"

@@ -31,22 +31,18 @@ import base64
 import datetime as dt
 import json
 import secrets
-import sys
 import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, NamedTuple, Self
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.x509.oid import NameOID
+from tests.support.jwt_signing import SigningKey
+from tests.support.lifecycle import ThreadedServer
 
 # (username or None for anonymous, repository, requested actions) -> granted actions
 AccessFunction = Callable[[str | None, str, Sequence[str]], Iterable[str]]
@@ -58,75 +54,11 @@ REGISTRY_LEEWAY_SECONDS = 60
 _ANY: Any = object()
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def decode_jwt(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(header, claims)`` of a JWT, *without* verifying it (for assertions)."""
-    header, claims, _signature = token.split(".")
-    return json.loads(_b64url_decode(header)), json.loads(_b64url_decode(claims))
-
-
 class TokenRequest(NamedTuple):
     path: str  # without the query string
     username: str | None  # None: anonymous; on a failed login the name tried (status 401)
     scope: str | None  # the scope parameters joined with " ", None if absent
     status: int
-
-
-class SigningKey:
-    """Self-signed RSA-2048 certificate and key; ``cert_pem`` goes into the bundle."""
-
-    def __init__(self, common_name: str = "docker-http-passthrough test token issuer") -> None:
-        self.private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        now = dt.datetime.now(dt.UTC)
-        self.certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.private_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(self.private_key, hashes.SHA256())
-        )
-        self.cert_pem = self.certificate.public_bytes(serialization.Encoding.PEM)
-        self.cert_der_b64 = base64.b64encode(
-            self.certificate.public_bytes(serialization.Encoding.DER)
-        ).decode("ascii")
-
-    def sign_jwt(self, claims: Mapping[str, Any]) -> str:
-        header = {"typ": "JWT", "alg": "RS256", "x5c": [self.cert_der_b64]}
-        signing_input = (
-            _b64url(json.dumps(header, separators=(",", ":")).encode())
-            + "."
-            + _b64url(json.dumps(claims, separators=(",", ":")).encode())
-        )
-        signature = self.private_key.sign(
-            signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256()
-        )
-        return signing_input + "." + _b64url(signature)
 
 
 def parse_scope(scope: str) -> tuple[str, str, list[str]] | None:
@@ -183,33 +115,16 @@ class TokenServer:
 
         self._lock = threading.Lock()
         self._requests: list[TokenRequest] = []
-        self._server: _TokenHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server = ThreadedServer(_TokenHandler, "TokenServer", tokens=self)
 
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self) -> TokenServer:
-        if self._server is not None:
-            return self
-        server = _TokenHTTPServer(("127.0.0.1", 0), _TokenHandler, self)  # port 0: no race
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"TokenServer:{server.server_address[1]}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-            if self._thread is not None:
-                self._thread.join(timeout=5)
-                self._thread = None
+        self._server.stop()
         if self._tempdir is not None:
             self._tempdir.cleanup()
             self._tempdir = None
@@ -222,9 +137,7 @@ class TokenServer:
 
     @property
     def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("TokenServer is not started")
-        return int(self._server.server_address[1])
+        return self._server.port
 
     @property
     def url(self) -> str:
@@ -428,26 +341,9 @@ def _error(code: str, message: str) -> dict[str, Any]:
     return {"errors": [{"code": code, "message": message}]}
 
 
-class _TokenHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    # A fleet connects at once: the default listen backlog of 5 would drop SYNs and stall clients for seconds.
-    request_queue_size = 1024
-    block_on_close = False
-
-    def __init__(self, address: tuple[str, int], handler: type, tokens: TokenServer) -> None:
-        self.tokens = tokens
-        super().__init__(address, handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], OSError):
-            return
-        traceback.print_exc()
-
-
 class _TokenHandler(BaseHTTPRequestHandler):
     # HTTP/1.0: one request per connection, so stop() never waits on keep-alives.
     protocol_version = "HTTP/1.0"
-    server: _TokenHTTPServer
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -491,114 +387,3 @@ class _TokenHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
-
-
-# -- client side -------------------------------------------------------------------------
-
-
-def parse_bearer_challenge(header: str) -> dict[str, str] | None:
-    """``Bearer realm="…",service="…",scope="…"`` -> dict; None if not Bearer."""
-    scheme, _, rest = header.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    params: dict[str, str] = {}
-    i, n = 0, len(rest)
-    while i < n:
-        while i < n and rest[i] in " ,":
-            i += 1
-        eq = rest.find("=", i)
-        if eq < 0:
-            break
-        key = rest[i:eq].strip().lower()
-        i = eq + 1
-        if i < n and rest[i] == '"':
-            i += 1
-            value = []
-            while i < n and rest[i] != '"':
-                if rest[i] == "\\" and i + 1 < n:
-                    i += 1
-                value.append(rest[i])
-                i += 1
-            i += 1  # closing quote
-            params[key] = "".join(value)
-        else:
-            end = rest.find(",", i)
-            end = n if end < 0 else end
-            params[key] = rest[i:end].strip()
-            i = end
-    return params
-
-
-def _with_push(scope: str) -> str:
-    """Widen a ``repository:…:pull`` challenge to ``pull,push`` (we are pushing)."""
-    parsed = parse_scope(scope)
-    if parsed is None or parsed[0] != "repository":
-        return scope
-    actions = list(parsed[2])
-    for action in ("pull", "push"):
-        if action not in actions:
-            actions.append(action)
-    return f"repository:{parsed[1]}:{','.join(actions)}"
-
-
-class BearerPushAuth(httpx.Auth):
-    """httpx auth answering a registry's ``401 Bearer`` challenge via ``server``.
-
-    On a 401 with ``WWW-Authenticate: Bearer …`` it GETs a token from the
-    challenge's realm (Basic ``username``/password from ``server.users``, or
-    anonymous if ``username`` is None) for the challenged scope widened to
-    ``pull,push``, and retries once. Tokens are cached per repository and
-    re-fetched when the registry rejects them (e.g. expired). Its token requests
-    show up in ``server.requests`` like anyone's, so push *before* resetting,
-    and before setting ``issued_offset`` to hand out expired tokens.
-    """
-
-    def __init__(self, server: TokenServer, username: str | None) -> None:
-        self.server = server
-        self.username = username
-        self._tokens: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    def _fetch(self, challenge: Mapping[str, str]) -> str:
-        params: list[tuple[str, str]] = []
-        if "service" in challenge:
-            params.append(("service", challenge["service"]))
-        for scope in challenge.get("scope", "").split(" "):
-            if scope:  # one scope parameter each, like docker does
-                params.append(("scope", _with_push(scope)))
-        auth = None
-        if self.username is not None:
-            auth = (self.username, self.server.users[self.username])
-        realm = challenge.get("realm") or self.server.realm
-        with httpx.Client(trust_env=False, timeout=10.0) as client:
-            response = client.get(realm, params=params, auth=auth)
-        if response.status_code != 200:
-            raise RuntimeError(
-                f"token server {realm} answered {response.status_code}: {response.text[:500]}"
-            )
-        return str(response.json()["token"])
-
-    def auth_flow(self, request: httpx.Request) -> Any:
-        scope_key = None
-        with self._lock:
-            # Reuse the most recent token for this path's repository if we have one.
-            for key, token in self._tokens.items():
-                if key and request.url.path.startswith(f"/v2/{key}/"):
-                    scope_key = key
-                    request.headers["Authorization"] = f"Bearer {token}"
-                    break
-        response = yield request
-        if response.status_code != 401:
-            return
-        challenge = parse_bearer_challenge(response.headers.get("WWW-Authenticate", ""))
-        if challenge is None:
-            return
-        token = self._fetch(challenge)
-        parsed = parse_scope(challenge.get("scope", "").split(" ")[0])
-        key = parsed[1] if parsed else ""
-        with self._lock:
-            if scope_key is not None and scope_key != key:
-                self._tokens.pop(scope_key, None)
-            self._tokens[key] = token
-        request.headers["Authorization"] = f"Bearer {token}"
-        yield request
