@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import hashlib
 import io
 import json
-import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -26,21 +24,18 @@ from docker_http_passthrough.shared.locks import LocalLocks
 from docker_http_passthrough.shared.prepare import _LayerSink, fetch_layer, image_key, prepare_image
 from docker_http_passthrough.shared.registry import RegistryClient, RegistryTarget
 from docker_http_passthrough.shared.store import TEMP_MARK, Store
+from tests.support.fake_registry import REPO, FakeRegistry
+from tests.support.images import sha
 
 GZIP_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_GZIP_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 PLAIN_TYPE = "application/vnd.oci.image.layer.v1.tar"
-REPO = "team/app"
 pytestmark = pytest.mark.usefixtures("fresh_registry_caches")
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(tmp_path / "cache")
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def gz(data: bytes) -> bytes:
@@ -72,15 +67,6 @@ def partials(store: Store) -> list[Path]:
     return [p for p in store.root.rglob("*") if TEMP_MARK in p.name]
 
 
-class Chunks(httpx.AsyncByteStream):
-    def __init__(self, data: bytes, size: int):
-        self.data, self.size = data, size
-
-    async def __aiter__(self):
-        for i in range(0, len(self.data), self.size):
-            yield self.data[i:i + self.size]
-
-
 class Layer:
     def __init__(self, blob: bytes, diff_id: str, media_type: str = GZIP_TYPE, size: int | None = None):
         self.blob, self.diff_id, self.media_type = blob, diff_id, media_type
@@ -108,62 +94,11 @@ class Image:
         self.digest = sha(self.manifest)
 
 
-_PATH_RE = re.compile(r"^/v2/(?P<repo>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
-
-
-class FakeRegistry:
-    def __init__(self, chunk: int = 4096, blob_delay: float = 0.0):
-        self.content: dict[str, bytes] = {}
-        self.missing: set[tuple[str, str]] = set()  # (host, digest) this registry does not hold
-        # (host, digest) → bytes a lying registry serves for ranges of a blob it does not really hold
-        self.forged_ranges: dict[tuple[str, str], bytes] = {}
-        self.requests: list[httpx.Request] = []
-        self.chunk = chunk
-        self.blob_delay = blob_delay
-
-    def add(self, *images: Image) -> None:
-        for image in images:
-            self.content[image.digest] = image.manifest
-            self.content[sha(image.config)] = image.config
-            for layer in image.layers:
-                self.content[layer.descriptor.digest] = layer.blob
-
-    def serve(self, digest: str, data: bytes) -> None:
-        self.content[digest] = data
-
-    def count(self, method: str, digest: str, host: str | None = None) -> int:
-        return sum(1 for r in self.requests if r.method == method and r.url.path.endswith("/" + digest)
-                   and (host is None or r.url.host == host))
-
-    async def handle(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        match = _PATH_RE.match(request.url.path)
-        if not match or match["repo"] != REPO:
-            return httpx.Response(404)
-        ref = match["ref"]
-        data = self.content.get(ref)
-        if data is None or (request.url.host, ref) in self.missing:
-            return httpx.Response(404)
-        headers = {"Content-Length": str(len(data)), "Docker-Content-Digest": ref}
-        if match["kind"] == "manifests":
-            headers["Content-Type"] = mf.DOCKER_MANIFEST
-        if request.method == "HEAD":
-            return httpx.Response(200, headers=headers)
-        if match["kind"] == "blobs" and self.blob_delay:
-            await asyncio.sleep(self.blob_delay)
-        wanted = request.headers.get("range")
-        if match["kind"] == "blobs" and wanted:
-            start, end = (int(n) for n in wanted.removeprefix("bytes=").split("-"))
-            part = self.forged_ranges.get((request.url.host, ref), data)[start:end + 1]
-            return httpx.Response(206, headers={"Content-Range": f"bytes {start}-{end}/{len(data)}"}, content=part)
-        return httpx.Response(200, headers=headers, stream=Chunks(data, self.chunk))
-
-    def ranged(self, digest: str, host: str) -> int:
-        return sum(1 for r in self.requests if r.method == "GET" and r.url.path.endswith("/" + digest)
-                   and r.url.host == host and "range" in r.headers)
-
-    def http(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.MockTransport(self.handle))
+def serving(*images: Image, chunk: int = 4096, blob_delay: float = 0.0) -> FakeRegistry:
+    fake = FakeRegistry(chunk=chunk, blob_delay=blob_delay)
+    for image in images:
+        fake.add_image(image.manifest, image.config, [layer.blob for layer in image.layers])
+    return fake
 
 
 def client(http: httpx.AsyncClient, host: str = "reg.example") -> RegistryClient:
@@ -263,7 +198,7 @@ def test_sink_refuses_garbage_after_last_member():
 async def test_fetch_layer_multi_member_gzip(store: Store):
     fake = FakeRegistry(chunk=333)
     layer = Layer(MULTI_BLOB, sha(MULTI_TAR))
-    fake.serve(layer.descriptor.digest, MULTI_BLOB)
+    fake.blobs[layer.descriptor.digest] = MULTI_BLOB
     async with fake.http() as http:
         size = await fetch_layer(client(http), store, layer.descriptor, layer.diff_id)
     assert size == len(MULTI_TAR)
@@ -281,7 +216,7 @@ async def test_fetch_layer_zero_padding_across_feed_boundary(store: Store, monke
     blob = member + b"\0" * 100
     layer = Layer(blob, sha(TAR_A))
     fake = FakeRegistry(chunk=len(member))  # the first feed ends exactly after the member
-    fake.serve(layer.descriptor.digest, blob)
+    fake.blobs[layer.descriptor.digest] = blob
     async with fake.http() as http:
         await fetch_layer(client(http), store, layer.descriptor, layer.diff_id)
     assert store.layer_path(layer.diff_id).read_bytes() == TAR_A
@@ -301,7 +236,7 @@ async def test_fetch_layer_truncated_gzip(store: Store, cut: str):
     # The descriptor matches the truncated bytes, so only the gzip check can notice.
     layer = Layer(blob, sha(MULTI_TAR if cut == "second_member" else TAR_A))
     fake = FakeRegistry()
-    fake.serve(layer.descriptor.digest, blob)
+    fake.blobs[layer.descriptor.digest] = blob
     async with fake.http() as http:
         with pytest.raises(InvalidContent) as info:
             await fetch_layer(client(http), store, layer.descriptor, layer.diff_id)
@@ -314,7 +249,7 @@ async def test_fetch_layer_blob_digest_mismatch(store: Store):
     layer = Layer.gzipped(TAR_A)
     other = gz(TAR_B)
     fake = FakeRegistry()
-    fake.serve(layer.descriptor.digest, other)  # wrong bytes under the right name
+    fake.blobs[layer.descriptor.digest] = other  # wrong bytes under the right name
     # diff_id of what is actually sent, so only the blob digest check can notice.
     descriptor = mf.Descriptor(GZIP_TYPE, layer.descriptor.digest, len(other))
     async with fake.http() as http:
@@ -329,7 +264,7 @@ async def test_fetch_layer_blob_digest_mismatch(store: Store):
 async def test_fetch_layer_diff_id_mismatch(store: Store):
     layer = Layer(gz(TAR_A), sha(TAR_B))  # the config claims another tar
     fake = FakeRegistry()
-    fake.serve(layer.descriptor.digest, layer.blob)
+    fake.blobs[layer.descriptor.digest] = layer.blob
     async with fake.http() as http:
         with pytest.raises(InvalidContent) as info:
             await fetch_layer(client(http), store, layer.descriptor, layer.diff_id)
@@ -343,7 +278,7 @@ async def test_fetch_layer_blob_longer_than_descriptor(store: Store):
     blob = gz(TAR_A)
     layer = Layer(blob, sha(TAR_A), size=len(blob) - 10)  # digest and diff_id would verify
     fake = FakeRegistry(chunk=50)
-    fake.serve(layer.descriptor.digest, blob)
+    fake.blobs[layer.descriptor.digest] = blob
     async with fake.http() as http:
         with pytest.raises(InvalidContent) as info:
             await fetch_layer(client(http), store, layer.descriptor, layer.diff_id)
@@ -355,14 +290,14 @@ async def test_fetch_layer_blob_longer_than_descriptor(store: Store):
 async def test_fetch_layer_uncompressed_passes_through(store: Store):
     layer = Layer(TAR_B, sha(TAR_B), PLAIN_TYPE)
     fake = FakeRegistry(chunk=1000)
-    fake.serve(layer.descriptor.digest, TAR_B)
+    fake.blobs[layer.descriptor.digest] = TAR_B
     async with fake.http() as http:
         size = await fetch_layer(client(http), store, layer.descriptor, layer.diff_id)
     assert size == len(TAR_B)
     assert store.layer_path(layer.diff_id).read_bytes() == TAR_B
     # A gzip blob declared as plain is stored as sent, so its diff_id must be the blob's own digest.
     gz_as_plain = Layer(gz(TAR_A), sha(TAR_A), PLAIN_TYPE)
-    fake.serve(gz_as_plain.descriptor.digest, gz_as_plain.blob)
+    fake.blobs[gz_as_plain.descriptor.digest] = gz_as_plain.blob
     async with fake.http() as http:
         with pytest.raises(InvalidContent):
             await fetch_layer(client(http), store, gz_as_plain.descriptor, gz_as_plain.diff_id)
@@ -375,8 +310,7 @@ async def test_fetch_layer_uncompressed_passes_through(store: Store):
 @pytest.mark.anyio
 async def test_prepare_image_stores_and_then_serves_from_store(store: Store):
     image = Image([Layer(MULTI_BLOB, sha(MULTI_TAR), OCI_GZIP_TYPE), Layer(TAR_B, sha(TAR_B), PLAIN_TYPE)])
-    fake = FakeRegistry()
-    fake.add(image)
+    fake = serving(image)
     async with fake.http() as http:
         record = await prepare_image(client(http), store, image.digest, LocalLocks())
         assert [(l.diff_id, l.size, l.digest) for l in record.layers] == [
@@ -394,8 +328,7 @@ async def test_prepare_image_stores_and_then_serves_from_store(store: Store):
 async def test_linked_layer_from_another_registry_is_proven_with_its_tail_not_downloaded(store: Store):
     shared_layer = Layer.gzipped(TAR_A)
     image = Image([shared_layer])
-    fake = FakeRegistry()
-    fake.add(image)
+    fake = serving(image)
     async with fake.http() as http:
         await prepare_image(client(http, "first.example"), store, image.digest, LocalLocks())
         assert fake.count("GET", shared_layer.descriptor.digest) == 1
@@ -414,13 +347,12 @@ async def test_registry_that_only_knows_the_digest_cannot_prove_it_holds_the_blo
     blob is then downloaded for real and fails its digest check. The stored layer is never handed out."""
     shared_layer = Layer.gzipped(TAR_A)
     image = Image([shared_layer])
-    fake = FakeRegistry()
-    fake.add(image)
+    fake = serving(image)
     digest = shared_layer.descriptor.digest
     fake.forged_ranges[("second.example", digest)] = bytes(len(shared_layer.blob))
     async with fake.http() as http:
         await prepare_image(client(http, "first.example"), store, image.digest, LocalLocks())
-        fake.content[digest] = bytes(len(shared_layer.blob))  # what the liar serves in full
+        fake.blobs[digest] = bytes(len(shared_layer.blob))  # what the liar serves in full
         with pytest.raises(InvalidContent):
             await prepare_image(client(http, "second.example"), store, image.digest, LocalLocks())
     assert fake.ranged(digest, "second.example") == 1
@@ -432,8 +364,7 @@ async def test_registry_that_only_knows_the_digest_cannot_prove_it_holds_the_blo
 async def test_linked_layer_is_not_served_when_this_registry_lacks_the_blob(store: Store):
     shared_layer = Layer.gzipped(TAR_A)
     image = Image([shared_layer])
-    fake = FakeRegistry()
-    fake.add(image)
+    fake = serving(image)
     fake.missing.add(("second.example", shared_layer.descriptor.digest))
     async with fake.http() as http:
         await prepare_image(client(http, "first.example"), store, image.digest, LocalLocks())
@@ -451,8 +382,7 @@ async def test_stored_but_unlinked_layer_is_never_served_for_another_blob(store:
     # The attacker names the private diff_id but can only serve other bytes under their own blob digest.
     evil_blob = gz(b"attacker tar" * 100)
     attack = Image([Layer(evil_blob, private.diff_id)], label="attack")
-    fake = FakeRegistry()
-    fake.add(legit, attack)
+    fake = serving(legit, attack)
     async with fake.http() as http:
         await prepare_image(client(http, "private.example"), store, legit.digest, LocalLocks())
         with pytest.raises(InvalidContent) as info:
@@ -471,8 +401,7 @@ async def test_concurrent_preparations_download_a_shared_blob_once(store: Store)
     base = Layer.gzipped(TAR_A)
     one = Image([base, Layer.gzipped(make_tar({"one": b"1" * 999}))], label="one")
     two = Image([base, Layer.gzipped(make_tar({"two": b"2" * 999}))], label="two")
-    fake = FakeRegistry(blob_delay=0.05)
-    fake.add(one, two)
+    fake = serving(one, two, blob_delay=0.05)
     locks = LocalLocks()
     async with fake.http() as http:
         first, second = await asyncio.gather(
