@@ -20,6 +20,7 @@ from docker_http_passthrough.shared.archive import (
     plan_archive,
     write_archive,
 )
+from tests.support.images import sha
 
 REPO_TAG = "127.0.0.1:5000/team/app:v1"
 
@@ -31,7 +32,7 @@ def _make_layer(path: Path, files: dict[str, bytes]) -> LayerFile:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     raw = path.read_bytes()
-    return LayerFile("sha256:" + hashlib.sha256(raw).hexdigest(), len(raw), str(path))
+    return LayerFile(sha(raw), len(raw), str(path))
 
 
 def _config(layers: list[LayerFile]) -> tuple[bytes, str]:
@@ -49,7 +50,7 @@ def _config(layers: list[LayerFile]) -> tuple[bytes, str]:
         },
         indent=2,
     ).encode()
-    return config, "sha256:" + hashlib.sha256(config).hexdigest()
+    return config, sha(config)
 
 
 @pytest.fixture

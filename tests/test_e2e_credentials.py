@@ -11,7 +11,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support.downloads import get, tar_members
+from tests.support.downloads import filename_for, get, image_url, tar_members
 from tests.support.images import DOCKER_MANIFEST, make_config, make_layer, sha
 from tests.support.registry import htpasswd_auth
 from tests.support.rogue_registry import RogueRegistry
@@ -20,14 +20,6 @@ pytestmark = pytest.mark.e2e
 
 ALICE = ("alice", "wonderland")
 KEY_ENV = {"CREDENTIALS_KEY": "test-credentials-key"}
-
-
-def filename_for(repository: str, tag: str) -> str:
-    return repository.replace("/", "__") + f"_{tag}.tar"
-
-
-def registry_url(stack, host: str, repository: str, tag: str, route: str = "registry") -> str:
-    return f"{stack.url}/{route}/http/{host}/docker/{filename_for(repository, tag)}"
 
 
 @pytest.fixture
@@ -44,7 +36,7 @@ def test_token_registry_public_repository_anonymously(mode, stack, token_registr
     token_registry.registry.push_image(repo, "v1", [make_layer({"p": b"public"})])
     token_registry.reset()
     running = stack(mode, env=KEY_ENV)
-    result = get(registry_url(running, token_registry.host, repo, "v1"))
+    result = get(image_url(running.url, token_registry.host, repo, "v1"))
     assert result.status == 200, result.body[:300]
     assert token_registry.tokens.count(username=None) >= 1
     assert token_registry.tokens.count(username="alice") == 0
@@ -54,7 +46,7 @@ def test_device_sequence_challenge_then_retry_with_basic(mode, stack, token_regi
     """IOS-XE sends the request bare, gets the 401 challenge, and retries with Basic (like curl --anyauth)."""
     repo, layer = private_image
     running = stack(mode, env=KEY_ENV)
-    url = registry_url(running, token_registry.host, repo, "v1")
+    url = image_url(running.url, token_registry.host, repo, "v1")
 
     first = get(url)
     assert first.status == 401
@@ -73,7 +65,7 @@ def test_device_sequence_challenge_then_retry_with_basic(mode, stack, token_regi
 def test_registry_auth_route_forwards_client_credentials(mode, stack, token_registry, private_image):
     repo, layer = private_image
     running = stack(mode, env=KEY_ENV)
-    url = registry_url(running, token_registry.host, repo, "v1", route="registry-auth")
+    url = image_url(running.url, token_registry.host, repo, "v1", route="registry-auth")
     bare = get(url)
     assert bare.status == 401 and "www-authenticate" in bare.headers
     assert token_registry.registry.proxy.count() == 0  # refused before asking the registry
@@ -83,7 +75,7 @@ def test_registry_auth_route_forwards_client_credentials(mode, stack, token_regi
 def test_wrong_password_is_403_saying_the_registry_refused(mode, stack, token_registry, private_image):
     repo, _ = private_image
     running = stack(mode, env=KEY_ENV)
-    result = get(registry_url(running, token_registry.host, repo, "v1"), auth=("alice", "wrong"))
+    result = get(image_url(running.url, token_registry.host, repo, "v1"), auth=("alice", "wrong"))
     assert result.status == 403
     assert "refused" in result.json()["message"]
     assert "www-authenticate" not in result.headers
@@ -122,7 +114,7 @@ def test_client_auth_modes(stack, token_registry, private_image):
     ignored = get(f"{off.url}/docker/{filename_for(repo, 'v1')}", auth=ALICE)
     assert ignored.status == 401 and "www-authenticate" not in ignored.headers  # credentials ignored, no challenge
     # /registry-auth always takes them
-    assert get(registry_url(off, token_registry.host, repo, "v1", route="registry-auth"), auth=ALICE).status == 200
+    assert get(image_url(off.url, token_registry.host, repo, "v1", route="registry-auth"), auth=ALICE).status == 200
 
     optional = stack("embedded", env=base)
     assert get(f"{optional.url}/docker/{filename_for(public, 'v1')}").status == 200
@@ -133,7 +125,7 @@ def test_htpasswd_registry_direct_basic(mode, stack, registry_factory, tmp_path,
     basic = registry_factory(auth=htpasswd_auth(tmp_path / "htpasswd", {"bob": "builder"}), push_auth=("bob", "builder"))
     basic.push_image(unique_repo, "v1", [make_layer({"b": b"basic"})])
     running = stack(mode, env=KEY_ENV)
-    url = registry_url(running, basic.host, unique_repo, "v1")
+    url = image_url(running.url, basic.host, unique_repo, "v1")
     assert get(url).status == 401
     assert get(url, auth=("bob", "builder")).status == 200
     assert get(url, auth=("bob", "nope")).status == 403
@@ -142,7 +134,7 @@ def test_htpasswd_registry_direct_basic(mode, stack, registry_factory, tmp_path,
 def test_cached_private_image_needs_the_requests_own_credentials(mode, stack, token_registry, private_image):
     repo, layer = private_image
     running = stack(mode, env=KEY_ENV)
-    url = registry_url(running, token_registry.host, repo, "v1")
+    url = image_url(running.url, token_registry.host, repo, "v1")
     assert get(url, auth=ALICE).status == 200  # now prepared and cached
 
     for auth, status in ((None, 401), (("alice", "wrong"), 403), (("mallory", "x"), 403)):
@@ -186,7 +178,7 @@ def _scan_for_secrets(stack, secrets: list[bytes]) -> list[str]:
 def test_client_credentials_never_stored_anywhere(stack, token_registry, private_image):
     repo, _ = private_image
     running = stack("two-tier", env={**KEY_ENV, "LOG_LEVEL": "debug"})
-    url = registry_url(running, token_registry.host, repo, "v1", route="registry-auth")
+    url = image_url(running.url, token_registry.host, repo, "v1", route="registry-auth")
     assert get(url, auth=ALICE).status == 200
     issued = token_registry.tokens.count(username="alice")
     assert issued >= 2  # the API's HEAD and the worker's downloads each fetched a token
@@ -201,7 +193,7 @@ def test_cross_registry_digest_attack_reads_nothing(mode, stack, token_registry,
     """A rogue registry names the private layer's digest and diff_id in its own manifest: no bytes leak."""
     repo, layer = private_image
     running = stack(mode, env=KEY_ENV)
-    assert get(registry_url(running, token_registry.host, repo, "v1"), auth=ALICE).status == 200
+    assert get(image_url(running.url, token_registry.host, repo, "v1"), auth=ALICE).status == 200
 
     config = make_config([layer])
     manifest = json.dumps({
@@ -212,7 +204,7 @@ def test_cross_registry_digest_attack_reads_nothing(mode, stack, token_registry,
                     "size": len(layer.blob)}],
     }).encode()
     with RogueRegistry("evil/app", "v1", manifest, DOCKER_MANIFEST, {sha(config): config}) as rogue:
-        result = get(registry_url(running, rogue.host, "evil/app", "v1"))
+        result = get(image_url(running.url, rogue.host, "evil/app", "v1"))
         assert result.status in (404, 502), result.status
         assert layer.tar not in result.body
         assert ("HEAD", f"/v2/evil/app/blobs/{layer.digest}", 404) in rogue.requests or \
@@ -224,11 +216,11 @@ def test_cross_registry_own_blob_with_victims_diff_id(mode, stack, token_registr
     """An attacker's real blob, with a config claiming it unpacks to the private layer: unpacked and refused."""
     repo, layer = private_image
     running = stack(mode, env=KEY_ENV)
-    assert get(registry_url(running, token_registry.host, repo, "v1"), auth=ALICE).status == 200
+    assert get(image_url(running.url, token_registry.host, repo, "v1"), auth=ALICE).status == 200
 
     decoy = make_layer({"decoy": b"attacker's own bytes"})
     config = make_config([layer])  # diff_ids: the victim's
     registry.push_image(unique_repo, "v1", [decoy], config=config)
-    result = get(registry_url(running, registry.host, unique_repo, "v1"))
+    result = get(image_url(running.url, registry.host, unique_repo, "v1"))
     assert result.status == 502 and "diff_id" in result.json()["message"]
     assert layer.tar not in result.body

@@ -7,18 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.downloads import archive_config, archive_manifest, get, get_many, tar_members
+from tests.support.downloads import archive_config, archive_manifest, filename_for, get, get_many, image_url, tar_members
 from tests.support.images import busybox_layer, make_layer
 
 pytestmark = pytest.mark.e2e
-
-
-def url_for(stack, registry, filename: str) -> str:
-    return f"{stack.url}/registry/http/{registry.host}/docker/{filename}"
-
-
-def filename_for(repository: str, tag: str) -> str:
-    return repository.replace("/", "__") + f"_{tag}.tar"
 
 
 def test_archive_loads_and_runs_in_docker(mode, stack, registry, unique_repo, docker_engine, tmp_path):
@@ -27,7 +19,7 @@ def test_archive_loads_and_runs_in_docker(mode, stack, registry, unique_repo, do
     registry.push_image(unique_repo, "v1", [busybox_layer(), app], cmd=["/bin/busybox", "cat", "/app/message.txt"])
     running = stack(mode)
 
-    result = get(url_for(running, registry, filename_for(unique_repo, "v1")))
+    result = get(image_url(running.url, registry.host, unique_repo, "v1"))
 
     assert result.status == 200, result.body[:500]
     assert int(result.headers["content-length"]) == len(result.body)
@@ -61,7 +53,7 @@ def test_concurrent_cold_requests_share_one_preparation(mode, stack, registry, u
     layers = [make_layer({f"layer{i}/data.bin": bytes([i]) * (300_000 + i)}) for i in range(3)]
     image = registry.push_image(unique_repo, "latest", layers)
     running = stack(mode)
-    url = url_for(running, registry, filename_for(unique_repo, "latest"))
+    url = image_url(running.url, registry.host, unique_repo, "latest")
     registry.proxy.reset()
 
     results = get_many([url] * 20)
@@ -87,7 +79,7 @@ def test_embedded_and_two_tier_give_identical_bytes(stack, registry, unique_repo
     outputs = []
     for mode in ("embedded", "two-tier"):
         running = stack(mode)
-        outputs.append(get(url_for(running, registry, filename_for(unique_repo, "same"))).body)
+        outputs.append(get(image_url(running.url, registry.host, unique_repo, "same")).body)
     assert outputs[0] == outputs[1] and len(outputs[0]) > 0
 
 
@@ -98,8 +90,8 @@ def test_images_sharing_a_base_layer_store_it_once(mode, stack, registry, unique
     running = stack(mode)
     registry.proxy.reset()
 
-    assert get(url_for(running, registry, filename_for(unique_repo + "-one", "v1"))).status == 200
-    assert get(url_for(running, registry, filename_for(unique_repo + "-two", "v1"))).status == 200
+    assert get(image_url(running.url, registry.host, unique_repo + "-one", "v1")).status == 200
+    assert get(image_url(running.url, registry.host, unique_repo + "-two", "v1")).status == 200
 
     stored = sorted(p.name for p in (Path(running.cache_dir) / "layers" / "sha256").iterdir())
     assert stored == sorted(f"{d.removeprefix('sha256:')}.tar" for d in {base.diff_id, first.layers[1].diff_id,
@@ -119,7 +111,7 @@ def test_index_picks_linux_amd64_by_platform_not_position(mode, stack, registry,
                                                (amd, {"os": "linux", "architecture": "amd64"})], flavour=flavour)
     running = stack(mode)
 
-    result = get(url_for(running, registry, filename_for(unique_repo, "multi")))
+    result = get(image_url(running.url, registry.host, unique_repo, "multi"))
 
     assert result.status == 200, result.body[:300]
     assert archive_config(result.body)["architecture"] == "amd64"
@@ -132,7 +124,7 @@ def test_oci_manifest_with_uncompressed_layer(mode, stack, registry, unique_repo
     gz = make_layer({"gz.txt": b"compressed"})
     registry.push_image(unique_repo, "oci", [plain, gz], flavour="oci")
     running = stack(mode)
-    result = get(url_for(running, registry, filename_for(unique_repo, "oci")))
+    result = get(image_url(running.url, registry.host, unique_repo, "oci"))
     assert result.status == 200, result.body[:300]
     layer_tars = [m for n, m in tar_members(result.body).items() if n.endswith("/layer.tar")]
     assert layer_tars == [plain.tar, gz.tar]

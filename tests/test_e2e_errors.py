@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support.downloads import get, tar_members
+from tests.support.downloads import filename_for, get, image_url, tar_members
 from tests.support.faults import (
     BackgroundGet,
     BackgroundStream,
@@ -39,11 +39,8 @@ USER, PASSWORD = "alice", "s3cret-pw"
 
 
 def url_for(stack, registry, filename: str, route: str = "registry") -> str:
+    """For filenames that name no image (bad ones)."""
     return f"{stack.url}/{route}/http/{registry.host}/docker/{filename}"
-
-
-def filename_for(repository: str, tag: str) -> str:
-    return repository.replace("/", "__") + f"_{tag}.tar"
 
 
 def layer_tars(body: bytes) -> list[bytes]:
@@ -116,10 +113,10 @@ def test_unknown_tag_and_unknown_repository_are_404(mode, stack, registry, proxy
     registry.push_image(unique_repo, "v1", [make_layer({"a.txt": b"a"})])
     running = stack(mode, workers=1, env=BASE_ENV)
 
-    no_tag = get(url_for(running, registry, filename_for(unique_repo, "v2")))
+    no_tag = get(image_url(running.url, registry.host, unique_repo, "v2"))
     assert_json_error(no_tag, 404, error="not_found", words=("not found", f"{unique_repo}:v2"))
 
-    no_repo = get(url_for(running, registry, filename_for(unique_repo + "-missing", "v1")))
+    no_repo = get(image_url(running.url, registry.host, unique_repo + "-missing", "v1"))
     assert_json_error(no_repo, 404, error="not_found", words=("not found", unique_repo + "-missing"))
 
     assert files_in(running.cache_dir / "images") == []
@@ -133,8 +130,8 @@ def test_client_credentials_for_an_htpasswd_registry(mode, stack, registry_facto
     layer = make_layer({"secret.txt": b"only for alice"})
     private.push_image(unique_repo, "v1", [layer])
     running = stack(mode, workers=1, env=BASE_ENV)
-    filename = filename_for(unique_repo, "v1")
-    plain, auth_route = url_for(running, private, filename), url_for(running, private, filename, "registry-auth")
+    plain = image_url(running.url, private.host, unique_repo, "v1")
+    auth_route = image_url(running.url, private.host, unique_repo, "v1", route="registry-auth")
 
     # No credentials: the registry's refusal becomes a Basic challenge, so a switch retries with its own.
     anonymous = get(plain)
@@ -187,7 +184,7 @@ def test_settings_credentials_are_used_only_for_the_configured_registry(mode, st
 
     # Same user exists on the other registry, but the settings' credentials must never travel there.
     other.proxy.reset()
-    elsewhere = get(url_for(running, other, filename))
+    elsewhere = get(image_url(running.url, other.host, unique_repo, "v1"))
     assert_json_error(elsewhere, 401)
     assert elsewhere.headers.get("www-authenticate") == CHALLENGE
     assert other.proxy.count() >= 1
@@ -209,7 +206,7 @@ def test_corrupted_layer_is_502_stores_nothing_and_a_retry_succeeds(mode, stack,
     bad = make_layer({"payload.bin": os.urandom(200_000)})  # gzip, as registries serve layers
     registry.push_image(unique_repo, "v1", [good, bad])
     running = stack(mode, workers=1, env={**BASE_ENV, "LAYER_CONCURRENCY": "1"})
-    url = url_for(running, registry, filename_for(unique_repo, "v1"))
+    url = image_url(running.url, registry.host, unique_repo, "v1")
 
     proxy.corrupt_path_contains = bad.digest
     failed = get(url)
@@ -239,7 +236,7 @@ def test_uncompressed_layer_with_wrong_digest_is_502_naming_it(stack, registry, 
     bad = make_layer({"payload.bin": os.urandom(100_000)}, compression="none")
     registry.push_image(unique_repo, "v1", [bad])
     running = stack("embedded", env=BASE_ENV)
-    url = url_for(running, registry, filename_for(unique_repo, "v1"))
+    url = image_url(running.url, registry.host, unique_repo, "v1")
 
     proxy.corrupt_path_contains = bad.digest
     assert_json_error(get(url), 502, error="invalid_content", words=(bad.digest, "digest"))
@@ -259,7 +256,7 @@ def test_wrong_diff_id_in_config_is_502_and_stores_nothing(mode, stack, registry
     registry.push_image(unique_repo, "v1", [layer], config=json.dumps(config).encode())
     running = stack(mode, workers=1, env=BASE_ENV)
 
-    result = get(url_for(running, registry, filename_for(unique_repo, "v1")))
+    result = get(image_url(running.url, registry.host, unique_repo, "v1"))
 
     assert_json_error(result, 502, error="invalid_content", words=("diff_id",))
     cache = Path(running.cache_dir)
@@ -279,7 +276,7 @@ def test_registry_too_slow_is_504(stack, registry, proxy, unique_repo):
     proxy.delay_seconds_before_headers = 3
 
     started = time.monotonic()
-    result = get(url_for(running, registry, filename_for(unique_repo, "v1")), timeout=30)
+    result = get(image_url(running.url, registry.host, unique_repo, "v1"), timeout=30)
     took = time.monotonic() - started
 
     assert_json_error(result, 504, error="timeout", words=("in time",))
@@ -297,7 +294,7 @@ def test_two_tier_worker_killed_mid_job_gives_504_then_a_new_worker_takes_over(s
     # period the response starts early and a failure can only cut it short; see the next test).
     running = stack("two-tier", workers=1, env={**BASE_ENV, "WORKER_LOST_TIMEOUT": str(lost_timeout),
                                                  "PREPARE_GRACE": "0"})
-    url = url_for(running, registry, filename_for(unique_repo, "v1"))
+    url = image_url(running.url, registry.host, unique_repo, "v1")
     watch = redis.Redis.from_url(running.redis.url)
 
     def heartbeat_ms() -> int:
@@ -352,7 +349,7 @@ def test_two_tier_worker_killed_after_the_response_started_cuts_it_short(stack, 
                                                  "PREPARE_GRACE": "1", "PREPARE_TIMEOUT": str(prepare_timeout)})
     proxy.throttle_bytes_per_second = 200_000  # ~15 s for the layer
 
-    pending = BackgroundStream(url_for(running, registry, filename_for(unique_repo, "v1")), timeout=60)
+    pending = BackgroundStream(image_url(running.url, registry.host, unique_repo, "v1"), timeout=60)
     assert wait_until(lambda: pending.headers_at is not None or pending.done(), timeout=15), "no response headers"
     assert pending.status == 200 and not pending.done(), (pending.status, pending.error)
     length = int(pending.headers["content-length"])
@@ -372,7 +369,7 @@ def test_two_tier_without_workers_gives_504_then_a_worker_serves_it(stack, regis
     layer = make_layer({"w.txt": b"waiting"})
     registry.push_image(unique_repo, "v1", [layer])
     running = stack("two-tier", workers=0, env={**BASE_ENV, "WORKER_LOST_TIMEOUT": "2"})
-    url = url_for(running, registry, filename_for(unique_repo, "v1"))
+    url = image_url(running.url, registry.host, unique_repo, "v1")
 
     started = time.monotonic()
     result = get(url, timeout=30)
@@ -401,7 +398,7 @@ def test_two_tier_redis_down_gives_503_on_health_and_downloads(stack, registry, 
     assert sick.json()["redis"].startswith("unreachable"), sick.json()
 
     started = time.monotonic()
-    result = get(url_for(running, registry, filename_for(unique_repo, "v1")), timeout=60)
+    result = get(image_url(running.url, registry.host, unique_repo, "v1"), timeout=60)
     took = time.monotonic() - started
     assert_json_error(result, 503, words=("redis",))
     assert took < 15, f"answered after {took:.1f}s"

@@ -11,19 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.downloads import get, get_many, tar_members
+from tests.support.downloads import get, get_many, image_url, tar_members
 from tests.support.images import make_layer
 from tests.support.services import ServerProcess
 
 pytestmark = pytest.mark.e2e
-
-
-def filename_for(repository: str, tag: str) -> str:
-    return repository.replace("/", "__") + f"_{tag}.tar"
-
-
-def url_for(stack, registry, repository: str, tag: str) -> str:
-    return f"{stack.url}/registry/http/{registry.host}/docker/{filename_for(repository, tag)}"
 
 
 def _random_layer(name: str, size: int):
@@ -33,7 +25,7 @@ def _random_layer(name: str, size: int):
 def test_head_range_and_resume(mode, stack, registry, unique_repo):
     registry.push_image(unique_repo, "v1", [_random_layer("a.bin", 700_000), _random_layer("b.bin", 300_000)])
     running = stack(mode)
-    url = url_for(running, registry, unique_repo, "v1")
+    url = image_url(running.url, registry.host, unique_repo, "v1")
     full = get(url)
     assert full.status == 200
     size = len(full.body)
@@ -68,7 +60,7 @@ def test_prewarm_202_then_status_then_done(mode, stack, registry, unique_repo):
     layers = [_random_layer(f"l{i}", 400_000) for i in range(3)]
     registry.push_image(unique_repo, "v1", layers)
     running = stack(mode)
-    url = url_for(running, registry, unique_repo, "v1")
+    url = image_url(running.url, registry.host, unique_repo, "v1")
     registry.proxy.throttle_bytes_per_second = 300_000  # slow enough to watch it run
 
     with httpx.Client(base_url=running.url, timeout=60, trust_env=False) as client:
@@ -101,7 +93,7 @@ def test_prewarm_failure_shows_cause(mode, stack, registry, unique_repo):
     running = stack(mode)
     registry.proxy.fail_status = {image.layers[0].digest: 500}
     with httpx.Client(base_url=running.url, timeout=60, trust_env=False) as client:
-        status_url = client.post(url_for(running, registry, unique_repo, "v1")).json()["status_url"]
+        status_url = client.post(image_url(running.url, registry.host, unique_repo, "v1")).json()["status_url"]
         deadline = time.monotonic() + 30
         while (status := client.get(status_url).json())["state"] not in ("done", "failed"):
             assert time.monotonic() < deadline
@@ -118,7 +110,7 @@ def test_cache_evicts_least_recently_used_layers(mode, stack, registry, unique_r
     layers_dir = Path(running.cache_dir) / "layers" / "sha256"
 
     def download(name: str) -> bytes:
-        result = get(url_for(running, registry, f"{unique_repo}-{name}", "v1"))
+        result = get(image_url(running.url, registry.host, f"{unique_repo}-{name}", "v1"))
         assert result.status == 200
         return result.body
 
@@ -137,7 +129,7 @@ def test_cache_evicts_least_recently_used_layers(mode, stack, registry, unique_r
 
 def test_missing_tag_is_remembered_briefly(mode, stack, registry, unique_repo):
     running = stack(mode, env={"ERROR_CACHE_SECONDS": "2"})
-    url = url_for(running, registry, unique_repo, "missing")
+    url = image_url(running.url, registry.host, unique_repo, "missing")
     registry.proxy.reset()
     assert [get(url).status for _ in range(10)] == [404] * 10
     assert registry.proxy.count(kind="manifest") == 1
@@ -151,7 +143,7 @@ def test_stale_if_error_serves_prepared_tag(stack, registry_factory, unique_repo
     own = registry_factory()
     own.push_image(unique_repo, "v1", [_random_layer("s", 200_000)])
     running = stack("embedded")
-    url = url_for(running, own, unique_repo, "v1")
+    url = image_url(running.url, own.host, unique_repo, "v1")
     fresh = get(url)
     assert fresh.status == 200 and "x-served-stale" not in fresh.headers
 
@@ -173,7 +165,7 @@ def test_stale_if_error_serves_prepared_tag(stack, registry_factory, unique_repo
 def test_stale_is_never_served_to_client_credentials(stack, registry, unique_repo):
     registry.push_image(unique_repo, "v1", [_random_layer("s", 10_000)])
     running = stack("embedded")
-    url = url_for(running, registry, unique_repo, "v1")
+    url = image_url(running.url, registry.host, unique_repo, "v1")
     assert get(url).status == 200
     registry.proxy.fail_status = {"/v2/": 503}
     assert get(url, auth=("someone", "pw")).status == 502
@@ -185,7 +177,7 @@ def test_slow_preparation_starts_response_within_grace(mode, stack, registry, un
               _random_layer("big2", 1_000_000)]
     registry.push_image(unique_repo, "v1", layers)
     running = stack(mode, env={"PREPARE_GRACE": "1"})
-    url = url_for(running, registry, unique_repo, "v1")
+    url = image_url(running.url, registry.host, unique_repo, "v1")
     registry.proxy.throttle_bytes_per_second = 500_000  # ~3 MB of blobs: ~6 s to prepare
 
     started = time.monotonic()
@@ -211,7 +203,7 @@ def test_failure_after_headers_closes_the_connection_early(mode, stack, registry
     received = bytearray()
     with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
         with httpx.Client(timeout=60, trust_env=False) as client:
-            with client.stream("GET", url_for(running, registry, unique_repo, "v1")) as response:
+            with client.stream("GET", image_url(running.url, registry.host, unique_repo, "v1")) as response:
                 assert response.status_code == 200
                 expected = int(response.headers["content-length"])
                 for chunk in response.iter_raw():
@@ -224,7 +216,7 @@ def test_concurrent_downloads_while_a_slow_client_reads(stack, registry, unique_
     """A slow reader does not hold back others (no head-of-line blocking in the server)."""
     registry.push_image(unique_repo, "v1", [_random_layer("s", 3_000_000)])
     running = stack("embedded")
-    url = url_for(running, registry, unique_repo, "v1")
+    url = image_url(running.url, registry.host, unique_repo, "v1")
     full = get(url).body
     done = threading.Event()
 
@@ -250,7 +242,7 @@ def test_client_hanging_up_stops_the_stream_and_is_logged_incomplete(stack, regi
     """A switch whose copy is interrupted: the server stops reading the archive and says so in its log."""
     registry.push_image(unique_repo, "v1", [make_layer({"zeros.bin": bytes(64 << 20)})])
     running = stack("embedded")
-    url = url_for(running, registry, unique_repo, "v1")
+    url = image_url(running.url, registry.host, unique_repo, "v1")
     size = len(get(url).body)
 
     with httpx.Client(timeout=60, trust_env=False) as client, client.stream("GET", url) as response:
@@ -272,7 +264,7 @@ def test_two_api_processes_and_workers_share_one_volume(stack, registry, unique_
     second = ServerProcess(running.server_env(), tmp_path / "second-api.log")
     try:
         registry.proxy.throttle_bytes_per_second = 2_000_000  # both replicas ask while it is still preparing
-        urls = [url_for(api, registry, unique_repo, "v1") for api in (running, second)] * 6
+        urls = [image_url(api.url, registry.host, unique_repo, "v1") for api in (running, second)] * 6
         results = get_many(urls)
     finally:
         second.stop()

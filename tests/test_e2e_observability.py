@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.downloads import get
+from tests.support.downloads import get, image_url
 from tests.support.images import make_layer
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.support.services import WorkerProcess, free_port
@@ -24,14 +24,6 @@ ROUTE_TEMPLATE = "/registry/{scheme}/{host}/docker/{filename}"
 SERVER, CLIENT = 2, 3  # OTLP SpanKind values
 WORKER_SPANS = {"prepare_image", "fetch_config_blob", "download_layer_0", "write_layer_tar_0", "download_layer_1",
                 "write_layer_tar_1", "GET /v2/{repository}/blobs/{digest}", "GET /v2/{repository}/manifests/{reference}"}
-
-
-def filename_for(repository: str, tag: str) -> str:
-    return repository.replace("/", "__") + f"_{tag}.tar"
-
-
-def url_for(running, registry, repository: str, tag: str) -> str:
-    return f"{running.url}/registry/http/{registry.host}/docker/{filename_for(repository, tag)}"
 
 
 def chain(span: ReceivedSpan, spans: list[ReceivedSpan]) -> list[str]:
@@ -88,7 +80,7 @@ def test_spans_of_both_tiers_reach_an_otlp_collector_in_one_trace(stack, registr
     worker_env = {**running.worker_env(), "OTEL_BSP_SCHEDULE_DELAY": "60000"}
     worker = WorkerProcess(worker_env, running.log_dir / "worker-0.log")
     running.workers.append(worker)
-    url = url_for(running, registry, unique_repo, "v1")
+    url = image_url(running.url, registry.host, unique_repo, "v1")
 
     cold = get(url)
     assert cold.status == 200, cold.body[:300]
@@ -172,7 +164,7 @@ def test_metrics_after_a_cold_and_a_warm_download(mode, stack, registry, unique_
                                                     make_layer({"b.txt": b"b"})])
     worker_port = free_port()
     running = stack(mode, workers=1, env={"WORKER_METRICS_PORT": str(worker_port)})
-    url = url_for(running, registry, unique_repo, "v1")
+    url = image_url(running.url, registry.host, unique_repo, "v1")
 
     cold, warm = get(url), get(url)
     assert cold.status == warm.status == 200 and cold.body == warm.body
@@ -214,8 +206,8 @@ def test_log_format_json_and_rust_log_level(stack, registry, unique_repo):
     quiet = stack("embedded", env={"LOG_FORMAT": "json", "RUST_LOG": "warn,hyper=info"})
     chatty = stack("embedded", env={"LOG_FORMAT": "json", "LOG_LEVEL": "debug"})
     for running in (quiet, chatty):
-        assert get(url_for(running, registry, unique_repo, "v1")).status == 200
-        assert get(url_for(running, registry, unique_repo, "missing")).status == 404
+        assert get(image_url(running.url, registry.host, unique_repo, "v1")).status == 200
+        assert get(image_url(running.url, registry.host, unique_repo, "missing")).status == 404
 
     chatty_entries = log_entries(chatty, 2)
     downloads = [e for e in chatty_entries if e.get("event") == "download"]

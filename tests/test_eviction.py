@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 
@@ -11,10 +10,11 @@ import pytest
 from docker_http_passthrough.shared import eviction
 from docker_http_passthrough.shared.eviction import evict, leased, record_use
 from docker_http_passthrough.shared.store import Store
+from tests.support.images import sha
 
 
 def _layer(store: Store, content: bytes, used_seconds_ago: float | None) -> str:
-    diff_id = "sha256:" + hashlib.sha256(content).hexdigest()
+    diff_id = sha(content)
     with store.atomic_writer(store.layer_path(diff_id)) as out:
         out.write(content)
     if used_seconds_ago is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -10,10 +9,7 @@ from pathlib import Path
 import pytest
 
 from docker_http_passthrough.shared.store import TEMP_MARK, ImageRecord, PreparedLayer, Store
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+from tests.support.images import sha
 
 
 def partials(root: Path) -> list[Path]:

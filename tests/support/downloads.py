@@ -21,6 +21,17 @@ class Download:
         return json.loads(self.body)
 
 
+def filename_for(repository: str, tag: str) -> str:
+    """The download filename a switch asks for: ``team/app``, ``v1`` -> ``team__app_v1.tar``."""
+    return repository.replace("/", "__") + f"_{tag}.tar"
+
+
+def image_url(server_url: str, registry_host: str, repository: str, tag: str, *, route: str = "registry") -> str:
+    """``repository:tag`` at the registry ``registry_host`` (plain http), through the server at ``server_url``
+    (``""`` for a path)."""
+    return f"{server_url}/{route}/http/{registry_host}/docker/{filename_for(repository, tag)}"
+
+
 def get(url: str, *, auth: tuple[str, str] | None = None, timeout: float = 120.0) -> Download:
     with httpx.Client(timeout=timeout, trust_env=False) as client:
         response = client.get(url, auth=auth)
