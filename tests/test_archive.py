@@ -84,7 +84,7 @@ def _render(plan: ArchivePlan) -> bytes:
     return out.getvalue()
 
 
-def test_layout_and_content(image: tuple[bytes, str, list[LayerFile]]) -> None:
+def test_archive_has_the_docker_save_layout_real_files_and_the_config_byte_for_byte(image: tuple[bytes, str, list[LayerFile]]) -> None:
     config, digest, layers = image
     plan = plan_archive(config, digest, layers, REPO_TAG)
     data = _render(plan)
@@ -145,7 +145,7 @@ def test_layout_and_content(image: tuple[bytes, str, list[LayerFile]]) -> None:
         }
 
 
-def test_layer_ids_follow_spec(image: tuple[bytes, str, list[LayerFile]]) -> None:
+def test_layer_ids_chain_each_diff_id_to_its_parent_and_the_top_one_to_the_config(image: tuple[bytes, str, list[LayerFile]]) -> None:
     config, digest, layers = image
     plan = plan_archive(config, digest, layers, REPO_TAG)
     hexes = [layer.diff_id.removeprefix("sha256:") for layer in layers]
@@ -155,7 +155,7 @@ def test_layer_ids_follow_spec(image: tuple[bytes, str, list[LayerFile]]) -> Non
     assert plan.layer_ids == (id0, id1, id2)
 
 
-def test_deterministic(image: tuple[bytes, str, list[LayerFile]]) -> None:
+def test_same_image_gives_the_same_bytes_and_another_tag_other_bytes(image: tuple[bytes, str, list[LayerFile]]) -> None:
     config, digest, layers = image
     first = _render(plan_archive(config, digest, layers, REPO_TAG))
     second = _render(plan_archive(config, digest, layers, REPO_TAG))
@@ -171,7 +171,7 @@ async def _collect(
 
 
 @pytest.mark.anyio
-async def test_iter_matches_write_and_chunk_sizes(
+async def test_streamed_archive_equals_the_written_one_at_any_chunk_size(
     image: tuple[bytes, str, list[LayerFile]],
 ) -> None:
     config, digest, layers = image
@@ -191,7 +191,7 @@ async def test_iter_matches_write_and_chunk_sizes(
 
 
 @pytest.mark.anyio
-async def test_ranges(image: tuple[bytes, str, list[LayerFile]]) -> None:
+async def test_every_byte_range_is_that_slice_of_the_archive(image: tuple[bytes, str, list[LayerFile]]) -> None:
     config, digest, layers = image
     plan = plan_archive(config, digest, layers, REPO_TAG)
     full = _render(plan)
@@ -227,27 +227,26 @@ async def test_ranges(image: tuple[bytes, str, list[LayerFile]]) -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("damage", ["truncate", "remove", "grow"])
-async def test_source_error_async(
+async def test_damaged_layer_file_stops_the_stream_but_ranges_before_it_work(
     image: tuple[bytes, str, list[LayerFile]], damage: str
 ) -> None:
     config, digest, layers = image
     plan = plan_archive(config, digest, layers, REPO_TAG)
+    intact = _render(plan)
     _damage(layers[1], damage)
     with pytest.raises(ArchiveSourceError):
         await _collect(plan)
     with pytest.raises(ArchiveSourceError):
         _render(plan)
-    # A range that does not touch the damaged file still works.
+    # A range that does not touch the damaged file still works, byte for byte.
     first_file = next(s for s in plan.segments if s.path is not None)
     assert first_file.path == layers[0].path
-    assert (
-        len(b"".join(await _collect(plan, 0, first_file.offset + first_file.length)))
-        > 0
-    )
+    end = first_file.offset + first_file.length
+    assert b"".join(await _collect(plan, 0, end)) == intact[:end]
 
 
 @pytest.mark.anyio
-async def test_source_error_midstream(
+async def test_layer_truncated_while_streaming_stops_the_stream(
     image: tuple[bytes, str, list[LayerFile]],
 ) -> None:
     # Truncation after the file was opened and checked: the short read is caught.
@@ -262,7 +261,7 @@ async def test_source_error_midstream(
             got.append(chunk)
 
 
-def test_validation(image: tuple[bytes, str, list[LayerFile]]) -> None:
+def test_plan_refuses_a_config_layers_or_tag_that_do_not_match(image: tuple[bytes, str, list[LayerFile]]) -> None:
     config, digest, layers = image
     with pytest.raises(ValueError, match="digest"):
         plan_archive(config, "sha256:" + "0" * 64, layers, REPO_TAG)
@@ -278,12 +277,17 @@ def test_validation(image: tuple[bytes, str, list[LayerFile]]) -> None:
             plan_archive(config, digest, layers, bad_tag)
 
 
-def test_member_too_large(image: tuple[bytes, str, list[LayerFile]]) -> None:
+def test_layer_over_the_ustar_limit_is_refused_and_one_at_the_limit_fits(image: tuple[bytes, str, list[LayerFile]]) -> None:
     config, digest, layers = image
     huge = LayerFile(layers[1].diff_id, 8 << 30, "/nonexistent/huge.tar")
     with pytest.raises(ValueError, match="ustar"):
         plan_archive(config, digest, [layers[0], huge, layers[2]], REPO_TAG)
-    # Exactly the limit is allowed (planning never touches the file).
+    # Exactly the limit is allowed (planning never touches the file), and sizes the plan exactly.
     edge = LayerFile(layers[1].diff_id, MAX_MEMBER_SIZE, "/nonexistent/edge.tar")
     plan = plan_archive(config, digest, [layers[0], edge, layers[2]], REPO_TAG)
-    assert plan.size > MAX_MEMBER_SIZE
+    real = plan_archive(config, digest, layers, REPO_TAG)
+
+    def padded(size: int) -> int:
+        return size + -size % 512
+
+    assert plan.size - real.size == padded(MAX_MEMBER_SIZE) - padded(layers[1].size)

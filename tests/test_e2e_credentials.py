@@ -31,7 +31,7 @@ def private_image(token_registry):
     return repo, layer
 
 
-def test_token_registry_public_repository_anonymously(mode, stack, token_registry):
+def test_public_repository_of_a_token_registry_needs_no_credentials(mode, stack, token_registry):
     repo = token_registry.repo("public")
     token_registry.registry.push_image(repo, "v1", [make_layer({"p": b"public"})])
     token_registry.reset()
@@ -82,14 +82,14 @@ def test_wrong_password_is_403_saying_the_registry_refused(mode, stack, token_re
     assert not list((Path(running.cache_dir) / "layers" / "sha256").iterdir())
 
 
-def test_settings_credentials_on_default_route(mode, stack, token_registry, private_image):
+def test_settings_credentials_serve_the_default_route(mode, stack, token_registry, private_image):
     repo, _ = private_image
     running = stack(mode, env={**KEY_ENV, "REGISTRY_URL": token_registry.url, "REGISTRY_USERNAME": "alice",
                                "REGISTRY_PASSWORD": "wonderland"})
     assert get(f"{running.url}/docker/{filename_for(repo, 'v1')}").status == 200
 
 
-def test_static_bearer_token_setting(stack, token_registry, private_image):
+def test_static_bearer_token_is_sent_without_fetching_one(stack, token_registry, private_image):
     repo, _ = private_image
     token = token_registry.tokens.token_for("alice", repo, ["pull"])
     running = stack("two-tier", env={**KEY_ENV, "REGISTRY_URL": token_registry.url, "REGISTRY_TOKEN": token})
@@ -98,7 +98,7 @@ def test_static_bearer_token_setting(stack, token_registry, private_image):
     assert token_registry.tokens.count() == 0  # the static token was sent as is, no token fetched
 
 
-def test_client_auth_modes(stack, token_registry, private_image):
+def test_client_auth_required_off_and_optional(stack, token_registry, private_image):
     repo, _ = private_image
     public = token_registry.repo("public")
     token_registry.registry.push_image(public, "v1", [make_layer({"p": b"p"})])
@@ -121,7 +121,7 @@ def test_client_auth_modes(stack, token_registry, private_image):
     assert get(f"{optional.url}/docker/{filename_for(repo, 'v1')}", auth=ALICE).status == 200
 
 
-def test_htpasswd_registry_direct_basic(mode, stack, registry_factory, tmp_path, unique_repo):
+def test_htpasswd_registry_gets_the_clients_basic_credentials(mode, stack, registry_factory, tmp_path, unique_repo):
     basic = registry_factory(auth=htpasswd_auth(tmp_path / "htpasswd", {"bob": "builder"}), push_auth=("bob", "builder"))
     basic.push_image(unique_repo, "v1", [make_layer({"b": b"basic"})])
     running = stack(mode, env=KEY_ENV)

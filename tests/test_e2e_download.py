@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.downloads import archive_config, archive_manifest, filename_for, get, get_many, image_url, tar_members
+from tests.support.downloads import (
+    archive_config,
+    archive_manifest,
+    filename_for,
+    get,
+    get_many,
+    image_url,
+    tar_members,
+)
+from tests.support.faults import assert_complete_tar
 from tests.support.images import busybox_layer, make_layer
 
 pytestmark = pytest.mark.e2e
@@ -79,8 +88,10 @@ def test_embedded_and_two_tier_give_identical_bytes(stack, registry, unique_repo
     outputs = []
     for mode in ("embedded", "two-tier"):
         running = stack(mode)
-        outputs.append(get(image_url(running.url, registry.host, unique_repo, "same")).body)
-    assert outputs[0] == outputs[1] and len(outputs[0]) > 0
+        result = get(image_url(running.url, registry.host, unique_repo, "same"))
+        assert_complete_tar(result)
+        outputs.append(result.body)
+    assert outputs[0] == outputs[1]
 
 
 def test_images_sharing_a_base_layer_store_it_once(mode, stack, registry, unique_repo):

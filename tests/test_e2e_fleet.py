@@ -22,7 +22,7 @@ def _random_layer(name: str, size: int):
     return make_layer({name: os.urandom(size)})
 
 
-def test_head_range_and_resume(mode, stack, registry, unique_repo):
+def test_head_range_and_if_range_resume_a_cut_transfer(mode, stack, registry, unique_repo):
     registry.push_image(unique_repo, "v1", [_random_layer("a.bin", 700_000), _random_layer("b.bin", 300_000)])
     running = stack(mode)
     url = image_url(running.url, registry.host, unique_repo, "v1")
@@ -56,7 +56,7 @@ def test_head_range_and_resume(mode, stack, registry, unique_repo):
         assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{size}"
 
 
-def test_prewarm_202_then_status_then_done(mode, stack, registry, unique_repo):
+def test_prewarm_answers_202_and_its_status_runs_to_done(mode, stack, registry, unique_repo):
     layers = [_random_layer(f"l{i}", 400_000) for i in range(3)]
     registry.push_image(unique_repo, "v1", layers)
     running = stack(mode)
@@ -88,7 +88,7 @@ def test_prewarm_202_then_status_then_done(mode, stack, registry, unique_repo):
         assert client.get("/status/prepare-unknown").status_code == 404
 
 
-def test_prewarm_failure_shows_cause(mode, stack, registry, unique_repo):
+def test_failed_prewarm_status_shows_the_cause(mode, stack, registry, unique_repo):
     image = registry.push_image(unique_repo, "v1", [_random_layer("x", 100_000)])
     running = stack(mode)
     registry.proxy.fail_status = {image.layers[0].digest: 500}

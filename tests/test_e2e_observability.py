@@ -201,7 +201,7 @@ def test_metrics_after_a_cold_and_a_warm_download(mode, stack, registry, unique_
     assert total(worker, "dhp_jobs_in_flight") == 0
 
 
-def test_log_format_json_and_rust_log_level(stack, registry, unique_repo):
+def test_json_logs_obey_rust_log_and_log_level(stack, registry, unique_repo):
     registry.push_image(unique_repo, "v1", [make_layer({"a": b"a"})])
     quiet = stack("embedded", env={"LOG_FORMAT": "json", "RUST_LOG": "warn,hyper=info"})
     chatty = stack("embedded", env={"LOG_FORMAT": "json", "LOG_LEVEL": "debug"})

@@ -16,7 +16,7 @@ PASSWORD = "Sw1tch-P4ssw0rd-do-not-leak"
 KEY = "a long random shared secret"
 
 
-def test_seal_unseal_round_trip():
+def test_sealed_credentials_unseal_with_the_same_key():
     creds = Credentials("device-user", PASSWORD)
     sealed = seal_credentials(creds, KEY)
     assert isinstance(sealed, bytes)
@@ -51,7 +51,7 @@ def test_unseal_of_garbage_is_a_value_error(sealed):
         unseal_credentials(sealed, KEY)
 
 
-def test_job_spec_carries_no_credentials():
+def test_job_arguments_carry_no_secret_whatever_the_credential_source():
     settings = load_settings({"REGISTRY_URL": "https://reg.internal", "REGISTRY_USERNAME": "svc",
                               "REGISTRY_PASSWORD": PASSWORD, "REGISTRY_BEARER_TOKEN": "static-" + PASSWORD})
     default = target_from_settings(settings)

@@ -195,7 +195,7 @@ def test_sink_refuses_garbage_after_last_member():
 
 
 @pytest.mark.anyio
-async def test_fetch_layer_multi_member_gzip(store: Store):
+async def test_fetch_layer_stores_a_multi_member_gzip_layer_as_one_tar(store: Store):
     fake = FakeRegistry(chunk=333)
     layer = Layer(MULTI_BLOB, sha(MULTI_TAR))
     fake.blobs[layer.descriptor.digest] = MULTI_BLOB
@@ -209,7 +209,7 @@ async def test_fetch_layer_multi_member_gzip(store: Store):
 
 
 @pytest.mark.anyio
-async def test_fetch_layer_zero_padding_across_feed_boundary(store: Store, monkeypatch):
+async def test_fetch_layer_accepts_zero_padding_across_a_feed_boundary(store: Store, monkeypatch):
     """Same as the sink test above, through the real download path: the padding straddles two feeds."""
     monkeypatch.setattr(prepare, "FEED_SIZE", 64)
     member = gz(TAR_A)
@@ -231,7 +231,7 @@ def _assert_nothing_stored(store: Store, layer: Layer) -> None:
 
 @pytest.mark.parametrize("cut", sorted(TRUNCATIONS))
 @pytest.mark.anyio
-async def test_fetch_layer_truncated_gzip(store: Store, cut: str):
+async def test_fetch_layer_refuses_truncated_gzip_and_stores_nothing(store: Store, cut: str):
     blob = TRUNCATIONS[cut]()
     # The descriptor matches the truncated bytes, so only the gzip check can notice.
     layer = Layer(blob, sha(MULTI_TAR if cut == "second_member" else TAR_A))
@@ -245,7 +245,7 @@ async def test_fetch_layer_truncated_gzip(store: Store, cut: str):
 
 
 @pytest.mark.anyio
-async def test_fetch_layer_blob_digest_mismatch(store: Store):
+async def test_fetch_layer_refuses_a_blob_that_does_not_match_its_digest(store: Store):
     layer = Layer.gzipped(TAR_A)
     other = gz(TAR_B)
     fake = FakeRegistry()
@@ -261,7 +261,7 @@ async def test_fetch_layer_blob_digest_mismatch(store: Store):
 
 
 @pytest.mark.anyio
-async def test_fetch_layer_diff_id_mismatch(store: Store):
+async def test_fetch_layer_refuses_a_tar_that_does_not_match_its_diff_id(store: Store):
     layer = Layer(gz(TAR_A), sha(TAR_B))  # the config claims another tar
     fake = FakeRegistry()
     fake.blobs[layer.descriptor.digest] = layer.blob
@@ -274,7 +274,7 @@ async def test_fetch_layer_diff_id_mismatch(store: Store):
 
 
 @pytest.mark.anyio
-async def test_fetch_layer_blob_longer_than_descriptor(store: Store):
+async def test_fetch_layer_refuses_a_blob_longer_than_its_descriptor(store: Store):
     blob = gz(TAR_A)
     layer = Layer(blob, sha(TAR_A), size=len(blob) - 10)  # digest and diff_id would verify
     fake = FakeRegistry(chunk=50)
@@ -287,7 +287,7 @@ async def test_fetch_layer_blob_longer_than_descriptor(store: Store):
 
 
 @pytest.mark.anyio
-async def test_fetch_layer_uncompressed_passes_through(store: Store):
+async def test_fetch_layer_stores_an_uncompressed_layer_as_sent(store: Store):
     layer = Layer(TAR_B, sha(TAR_B), PLAIN_TYPE)
     fake = FakeRegistry(chunk=1000)
     fake.blobs[layer.descriptor.digest] = TAR_B

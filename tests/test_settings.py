@@ -2,30 +2,49 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from docker_http_passthrough.shared.settings import DOCKER_HUB_API, Settings, SettingsError, load_settings
+from docker_http_passthrough.shared.settings import Settings, SettingsError, load_settings
 
 
-def test_defaults():
-    s = load_settings({})
-    assert s == Settings()
-    assert s.registry_url == DOCKER_HUB_API == "https://registry-1.docker.io"
-    assert s.registry_name == ""
-    assert s.registry_auth_url is None and s.registry_service is None
-    assert s.registry_username is None and s.registry_password is None and s.registry_bearer_token is None
-    assert s.registry_client_auth == "optional"
-    assert s.registry_default_namespace is None
-    assert s.redis_url is None and not s.two_tier
-    assert s.cache_dir == "./cache"
-    assert s.queue_name == "docker-http-passthrough"
-    assert s.credentials_key is None
-    assert s.platform == "linux/amd64"
-    assert s.job_timeout == 14400
-    assert s.prepare_timeout == 3600.0
-    assert s.worker_lost_timeout == 60.0
-    assert s.upstream_timeout == 30.0
-    assert s.layer_concurrency == 3
+README = Path(__file__).resolve().parents[1] / "README.md"
+# README's "default" column, where it names no literal value, in the words it uses for what Settings holds.
+_WORDS = {"—": None, "discovered": None, "unbounded": 0, "host of `REGISTRY_URL`": ""}
+
+
+def _documented_defaults() -> dict[str, str]:
+    """Variable -> default, from the table under README's "Settings (environment)"."""
+    section = README.read_text().split("## Settings (environment)", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
+    defaults = {}
+    for names, default in rows:
+        for name in re.findall(r"`([A-Z_]+)`", names.split("(alias")[0]):
+            defaults[name] = default.strip()
+    return defaults
+
+
+def _as_documented(value: object) -> object:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return value if value is None or isinstance(value, int) and value == 0 else str(value)
+
+
+def test_empty_environment_gives_the_defaults_the_readme_documents():
+    settings = load_settings({})
+    checked = []
+    for name, documented in _documented_defaults().items():
+        field = name.lower()
+        if not hasattr(settings, field):
+            continue  # read elsewhere (OTEL_*, LOG_*)
+        expected = _WORDS[documented] if documented in _WORDS else documented.strip("`")
+        assert _as_documented(getattr(settings, field)) == expected, (name, documented, getattr(settings, field))
+        checked.append(name)
+    assert len(checked) >= 20, checked  # the table was found and read
 
 
 def test_empty_values_mean_defaults():
@@ -79,7 +98,7 @@ def test_every_variable_is_parsed():
     assert s.layer_concurrency == 8 and isinstance(s.layer_concurrency, int)
 
 
-def test_cache_and_serving_variables():
+def test_cache_sizes_and_booleans_are_parsed():
     s = load_settings({"ERROR_CACHE_SECONDS": "0", "SERVE_STALE": "no", "PREPARE_GRACE": "2.5",
                        "CACHE_MAX_BYTES": "50G"})
     assert (s.error_cache_seconds, s.serve_stale, s.prepare_grace, s.cache_max_bytes) == (0.0, False, 2.5, 50 << 30)
@@ -89,22 +108,22 @@ def test_cache_and_serving_variables():
 
 
 @pytest.mark.parametrize("mode", ["optional", "required", "off", "OFF"])
-def test_client_auth_modes(mode):
+def test_client_auth_mode_ignores_case(mode):
     assert load_settings({"REGISTRY_CLIENT_AUTH": mode}).registry_client_auth == mode.lower()
 
 
 @pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://h:6380", "unix:///run/redis.sock"])
-def test_redis_url_schemes(url):
+def test_redis_tcp_tls_and_unix_urls_are_accepted(url):
     assert load_settings({"REDIS_URL": url}).redis_url == url
 
 
-def test_registry_token_alias():
+def test_registry_token_is_an_alias_that_the_main_name_overrides():
     assert load_settings({"REGISTRY_TOKEN": "alias-token"}).registry_bearer_token == "alias-token"
     both = load_settings({"REGISTRY_TOKEN": "alias-token", "REGISTRY_BEARER_TOKEN": "main-token"})
     assert both.registry_bearer_token == "main-token"
 
 
-def test_registry_auth_url_unset_vs_empty():
+def test_registry_auth_url_unset_means_discover_and_empty_means_none():
     assert load_settings({}).registry_auth_url is None
     assert load_settings({"REGISTRY_AUTH_URL": ""}).registry_auth_url == ""
     assert load_settings({"REGISTRY_AUTH_URL": "https://a.example/token/"}).registry_auth_url == "https://a.example/token"

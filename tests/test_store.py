@@ -54,7 +54,7 @@ def test_atomic_writer_never_overwrites_an_existing_file(store: Store):
     assert partials(store.root) == []
 
 
-def test_put_blob_verifies_and_stores(store: Store):
+def test_put_blob_refuses_bytes_that_do_not_match_their_digest(store: Store):
     data = b'{"config": true}'
     with pytest.raises(ValueError):
         store.put_blob(sha(b"other content"), data)
@@ -86,7 +86,7 @@ def _image(store: Store, layers: list[bytes]) -> ImageRecord:
     return record
 
 
-def test_get_image_returns_complete_record(store: Store):
+def test_a_complete_image_record_comes_back_with_its_layer_files(store: Store):
     record = _image(store, [b"layer one", b"layer two!"])
     assert store.get_image("key1") == record
     assert store.get_image("other") is None
@@ -133,7 +133,7 @@ def test_sweep_partials_removes_only_old_partials(store: Store):
     assert not fresh.exists() and old_final.exists()
 
 
-def test_link_layer_and_linked_diff_id(store: Store):
+def test_a_verified_layer_link_is_never_replaced(store: Store):
     blob, diff_id, other = sha(b"gzip blob"), sha(b"tar"), sha(b"another tar")
     assert store.linked_diff_id(blob) is None
     store.link_layer(blob, diff_id, 9, b"zip blob")

@@ -123,7 +123,7 @@ def test_throttled_blob_takes_its_time(
     assert elapsed >= 0.4
 
 
-def test_fail_status_and_delay_are_injected(
+def test_proxy_injects_error_statuses_and_header_delays(
     registry: RegistryUnderTest, unique_repo: str, http: httpx.Client
 ) -> None:
     registry.push_image(unique_repo, "v1", small_layers())
@@ -149,7 +149,7 @@ def test_fail_status_and_delay_are_injected(
     ("flavour", "index_type"),
     [("docker", images.DOCKER_MANIFEST_LIST), ("oci", images.OCI_INDEX)],
 )
-def test_push_index(
+def test_pushed_index_is_served_with_its_media_type_and_digest(
     registry: RegistryUnderTest,
     unique_repo: str,
     http: httpx.Client,
@@ -186,7 +186,7 @@ def test_push_index(
     assert entries[1]["platform"]["variant"] == "v7"
 
 
-def test_oci_flavour_push_with_busybox(
+def test_oci_image_with_busybox_is_served_as_pushed(
     registry: RegistryUnderTest, unique_repo: str, http: httpx.Client
 ) -> None:
     layer = busybox_layer()
@@ -224,7 +224,7 @@ def test_make_layer_is_deterministic_with_parents() -> None:
     assert plain.media_type_for("oci") == images.OCI_LAYER_TAR
 
 
-def test_uploads_through_proxy_rewrite_location(
+def test_uploads_through_the_proxy_get_the_proxys_location(
     registry: RegistryUnderTest, unique_repo: str, http: httpx.Client
 ) -> None:
     registry.proxy.reset()
@@ -240,7 +240,7 @@ def test_uploads_through_proxy_rewrite_location(
     assert kind_of(f"/v2/{unique_repo}/blobs/uploads/") == "upload"
 
 
-def test_registry_factory_with_htpasswd(
+def test_htpasswd_registry_refuses_anonymous_and_serves_its_user(
     registry_factory: RegistryFactory, tmp_path: Path, unique_repo: str, http: httpx.Client
 ) -> None:
     private = registry_factory(

@@ -97,25 +97,32 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_require_passes_when_condition_holds(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DHP_REQUIRE_ALL", "1")
-    require(True, "never shown")
+@pytest.mark.parametrize("condition, require_all, outcome", [
+    (True, "1", None),
+    (True, None, None),
+    (False, None, pytest.skip.Exception),
+    (False, "1", pytest.fail.Exception),
+])
+def test_require_skips_a_missing_part_but_fails_it_under_require_all(
+    monkeypatch: pytest.MonkeyPatch, condition: bool, require_all: str | None, outcome: type | None
+) -> None:
+    if require_all is None:
+        monkeypatch.delenv("DHP_REQUIRE_ALL", raising=False)
+    else:
+        monkeypatch.setenv("DHP_REQUIRE_ALL", require_all)
+    raised: BaseException | None = None
+    try:
+        require(condition, "no frobnicator")
+    except (pytest.skip.Exception, pytest.fail.Exception) as exc:
+        raised = exc
+    assert type(raised) is outcome if outcome else raised is None, raised
+    if outcome is pytest.skip.Exception:
+        assert str(raised) == "no frobnicator"
+    if outcome is pytest.fail.Exception:
+        assert str(raised) == "no frobnicator (DHP_REQUIRE_ALL=1 forbids skipping)"
 
 
-def test_require_skips_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DHP_REQUIRE_ALL", raising=False)
-    with pytest.raises(pytest.skip.Exception, match="no frobnicator"):
-        require(False, "no frobnicator")
-
-
-def test_require_fails_under_require_all(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DHP_REQUIRE_ALL", "1")
-    with pytest.raises(pytest.fail.Exception) as excinfo:
-        require(False, "no frobnicator")
-    assert str(excinfo.value) == "no frobnicator (DHP_REQUIRE_ALL=1 forbids skipping)"
-
-
-def test_child_env_is_minimal(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_child_env_drops_the_callers_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_URL", "redis://elsewhere:6379/0")
     monkeypatch.setenv("CACHE_DIR", "/somewhere")
     env = child_env({"CACHE_DIR": "/mine"})
@@ -125,7 +132,7 @@ def test_child_env_is_minimal(monkeypatch: pytest.MonkeyPatch) -> None:
     assert env["PATH"] == os.environ["PATH"]
 
 
-def test_redis_fixture_answers(redis_server: RedisProcess) -> None:
+def test_redis_fixture_serves_without_persistence(redis_server: RedisProcess) -> None:
     assert redis_server.url == f"redis://127.0.0.1:{redis_server.port}/0"
     client = redis_server.client()
     assert client.ping()
@@ -163,11 +170,7 @@ def test_two_redis_servers_are_independent(tmp_path: Path) -> None:
         b.stop()
 
 
-def test_mode_fixture_covers_both_modes(mode: str) -> None:
-    assert mode in ("embedded", "two-tier")
-
-
-def test_server_process_waits_for_health(
+def test_server_process_waits_for_health_and_gets_only_its_env(
     stub_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("REDIS_URL", "redis://leaked:1/0")  # must not reach the child
@@ -222,7 +225,7 @@ def test_worker_process_needs_redis_and_cache(tmp_path: Path) -> None:
         WorkerProcess({"REDIS_URL": "redis://127.0.0.1:1/0"}, tmp_path / "w.log")
 
 
-def test_stack_two_tier_and_teardown(stub_env: dict[str, str], stack) -> None:
+def test_two_tier_stack_shares_redis_and_cache_and_stops_everything(stub_env: dict[str, str], stack) -> None:
     s = stack("two-tier", workers=2, env=stub_env)
     assert s.mode == "two-tier" and s.redis is not None and len(s.workers) == 2
     env = httpx.get(f"{s.url}/env").json()
@@ -241,7 +244,7 @@ def test_stack_two_tier_and_teardown(stub_env: dict[str, str], stack) -> None:
     assert not any(_pid_alive(pid) for pid in pids)
 
 
-def test_stack_embedded(stub_env: dict[str, str], stack) -> None:
+def test_embedded_stack_has_no_redis_and_no_workers(stub_env: dict[str, str], stack) -> None:
     s = stack("embedded", env=stub_env)
     assert s.redis is None and s.workers == []
     env = httpx.get(f"{s.url}/env").json()
@@ -272,7 +275,7 @@ def test_stack_rejects_unknown_mode(stack) -> None:
 
 
 @pytest.mark.e2e
-def test_docker_engine_answers(docker_engine: DockerEngine) -> None:
+def test_private_docker_engine_starts_empty_and_reports_failures(docker_engine: DockerEngine) -> None:
     assert docker_engine.host.startswith("unix:///")
     version = docker_engine.run("version", "--format", "{{.Server.Version}}")
     assert version.stdout.strip()

@@ -89,7 +89,7 @@ def test_anonymous_base_endpoint_gets_bearer_challenge(
     assert response.status_code == 200
 
 
-def test_fixture_pushes_as_pusher(token_registry: TokenRegistry, http: httpx.Client) -> None:
+def test_pushes_fetch_one_push_token_and_reuse_it(token_registry: TokenRegistry, http: httpx.Client) -> None:
     repository = token_registry.repo("private")
     image = token_registry.registry.push_image(
         repository, "v1", [make_layer({"again.txt": b"again\n"})]
@@ -248,7 +248,7 @@ def test_forged_and_expired_tokens_are_invalid(
     assert challenge_of(response)["error"] == "invalid_token"
 
 
-def test_reset_restores_defaults(token_registry: TokenRegistry, http: httpx.Client) -> None:
+def test_reset_restores_users_policy_and_token_knobs(token_registry: TokenRegistry, http: httpx.Client) -> None:
     tokens = token_registry.tokens
     tokens.expires_in = 5
     tokens.users["eve"] = "x"
@@ -262,7 +262,7 @@ def test_reset_restores_defaults(token_registry: TokenRegistry, http: httpx.Clie
     assert tokens.allowed_actions(None, "private/z", ["pull"]) == []
 
 
-def test_policy_rules() -> None:
+def test_token_policy_merges_prefix_and_exact_grants() -> None:
     server = TokenServer(
         {"alice": "pw"},
         {"lib/*": {"*": ["pull"], "alice": ["push"]}, "lib/special": {"alice": ["delete"]}},
@@ -282,7 +282,7 @@ def test_policy_rules() -> None:
         server.stop()
 
 
-def test_factory_with_callable_policy(
+def test_callable_policy_decides_who_may_pull(
     token_registry_factory: TokenRegistryFactory, http: httpx.Client
 ) -> None:
     def only_bob(user: str | None, repository: str, requested: list[str]) -> list[str]:

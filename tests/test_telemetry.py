@@ -87,7 +87,7 @@ def missing(span: ReadableSpan, wanted: set[str]) -> set[str]:
 # --------------------------------------------------------------------------- embedded
 
 
-def test_embedded_cold_and_warm_download_traces(exporter, registry, unique_repo, tmp_path, caplog):
+def test_cold_and_warm_downloads_trace_every_step_under_one_route_span(exporter, registry, unique_repo, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="docker_http_passthrough.access")
     image = registry.push_image(unique_repo, "v1", [make_layer({"a.bin": os.urandom(50_000)}),
                                                     make_layer({"b.txt": b"b"})])
@@ -208,7 +208,7 @@ def test_embedded_cold_and_warm_download_traces(exporter, registry, unique_repo,
         assert parsed_json["level"] == "info" and parsed_json["logger"] == "docker_http_passthrough.access"
 
 
-def test_default_registry_route_and_error_span(exporter, registry, unique_repo, tmp_path, caplog):
+def test_default_registry_route_and_its_errors_are_traced_and_logged(exporter, registry, unique_repo, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="docker_http_passthrough.access")
     registry.push_image(unique_repo, "v1", [make_layer({"x": b"x"})])
     env = embedded_env(tmp_path, REGISTRY_URL=registry.url, REGISTRY_DEFAULT_NAMESPACE="test")

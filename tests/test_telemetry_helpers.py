@@ -54,7 +54,7 @@ def _clear_spans(exporter: InMemorySpanExporter) -> None:
 # --------------------------------------------------------------------------- the helpers themselves
 
 
-def test_context_round_trip_and_links():
+def test_trace_context_survives_a_job_payload_and_links_to_its_starter():
     with tracer().start_as_current_span("starter") as span:
         carrier = inject_context()
     assert carrier["traceparent"].split("-")[1] == format(span.get_span_context().trace_id, "032x")
@@ -94,7 +94,7 @@ print(json.dumps({"type": type(provider).__name__, "resource": dict(provider.res
     assert out["resource"]["service.name"] == "dhp-x" and out["resource"]["dhp.tier"] == "worker"
 
 
-def test_log_level_and_rust_log_alias():
+def test_log_level_comes_from_log_level_or_rust_log():
     assert log_level({}) == logging.INFO
     assert log_level({"LOG_LEVEL": "debug"}) == logging.DEBUG
     assert log_level({"RUST_LOG": "warn,hyper=info"}) == logging.WARNING
@@ -103,7 +103,7 @@ def test_log_level_and_rust_log_alias():
     assert log_level({"LOG_LEVEL": "nonsense"}) == logging.INFO
 
 
-def test_json_formatter_structured_fields_and_exceptions():
+def test_json_log_lines_carry_fields_utc_time_and_exceptions():
     record = logging.LogRecord("docker_http_passthrough.access", logging.INFO, __file__, 1, "GET %s", ("/x",), None)
     record.fields = {"event": "download", "bytes": 3, "trace_id": "ab" * 16}
     entry = json.loads(JsonFormatter().format(record))
@@ -164,7 +164,7 @@ def test_client_hanging_up_mid_stream_is_one_span_and_one_incomplete_log_line(ex
     assert after - before == record.fields["bytes"]  # what really went out
 
 
-def test_route_that_raises_and_method_not_allowed(exporter, caplog):
+def test_crashing_route_is_an_error_span_and_a_refused_method_is_not(exporter, caplog):
     caplog.set_level(logging.INFO, logger="docker_http_passthrough.access")
 
     async def broken(request):
