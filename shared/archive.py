@@ -69,10 +69,10 @@ _EMPTY_CONTAINER_CONFIG: dict[str, Any] = {
     "Labels": None,
 }
 # Fields of Docker's V1Image copied from the image config into the top
-# layer's json, in Go struct order (omitted when absent, like `omitempty`).
+# layer's json (omitted when absent, like `omitempty`). Go struct order is
+# id, parent, comment, created, container, container_config, then these;
+# testdata/docker-save-20.10.tar shows it.
 _TOP_LAYER_FIELDS = (
-    "comment",
-    "container",
     "docker_version",
     "author",
     "config",
@@ -156,7 +156,11 @@ def _layer_json(config: dict[str, Any], layer_id: str, parent: str, top: bool) -
         v1["parent"] = parent
     if top:
         # The top layer carries the image's own metadata, as in `docker save`.
+        if config.get("comment"):
+            v1["comment"] = config["comment"]
         v1["created"] = config.get("created") or _EPOCH
+        if config.get("container"):
+            v1["container"] = config["container"]
         container_config = config.get("container_config")
         v1["container_config"] = (
             container_config if container_config else _EMPTY_CONTAINER_CONFIG

@@ -13,6 +13,9 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json", "application/vnd.docker.distribution.manifest.v1+prettyjws")
 
+# Set on index entries that are not images but refer to one (BuildKit attestation manifests).
+REFERENCE_TYPE = "vnd.docker.reference.type"
+
 IMAGE_MANIFESTS = (DOCKER_MANIFEST, OCI_MANIFEST)
 INDEXES = (DOCKER_MANIFEST_LIST, OCI_INDEX)
 # Sent on HEAD too: without it distribution 2.8 converts to schema1 and reports a different digest.
@@ -95,6 +98,8 @@ def select_platform(index: bytes, platform: str) -> Descriptor:
     want_variant = rest[0] if rest else None
     offered = []
     for entry in _load(index).get("manifests") or ():
+        if (entry.get("annotations") or {}).get(REFERENCE_TYPE):
+            continue  # BuildKit's attestations (platform unknown/unknown) describe an image; they are none
         plat = entry.get("platform") or {}
         offered.append("/".join(p for p in (plat.get("os"), plat.get("architecture"), plat.get("variant")) if p))
         if plat.get("os") == want_os and plat.get("architecture") == want_arch and (

@@ -21,6 +21,7 @@ from docker_http_passthrough.shared.archive import (
     write_archive,
 )
 from tests.support.images import sha
+from tests.support.testdata import DOCKER_SAVE, DOCKER_SAVE_TAG
 
 REPO_TAG = "127.0.0.1:5000/team/app:v1"
 
@@ -291,3 +292,69 @@ def test_layer_over_the_ustar_limit_is_refused_and_one_at_the_limit_fits(image: 
         return size + -size % 512
 
     assert plan.size - real.size == padded(MAX_MEMBER_SIZE) - padded(layers[1].size)
+
+
+# --------------------------------------------------------------------------- against `docker save` itself
+
+
+def _docker_saved() -> tuple[tarfile.TarFile, dict]:
+    docker = tarfile.open(DOCKER_SAVE)
+    return docker, json.loads(docker.extractfile("manifest.json").read())[0]
+
+
+def _plan_like_docker(tmp_path: Path, docker: tarfile.TarFile, entry: dict) -> ArchivePlan:
+    """Our plan for the image Docker saved: its config, its layer tars, its tag."""
+    layers = []
+    for index, name in enumerate(entry["Layers"]):
+        path = tmp_path / f"layer{index}.tar"
+        path.write_bytes(docker.extractfile(name).read())
+        layers.append(LayerFile(sha(path.read_bytes()), path.stat().st_size, str(path)))
+    config = docker.extractfile(entry["Config"]).read()
+    return plan_archive(config, sha(config), layers, entry["RepoTags"][0])
+
+
+def test_archive_matches_what_docker_save_writes_for_the_same_image(tmp_path: Path) -> None:
+    """Member for member, header for header and byte for byte against dockerd 20.10's own `docker save`
+    (testdata/docker-save-20.10.tar), except where we differ on purpose:
+
+    - layer ids: Docker derives them from its v1 image json; ours chain diff_ids (any unique scheme loads);
+    - order: Docker tars its temporary directory in name order; ours goes bottom layer first, so layers can be
+      streamed as they verify, then the config, manifest.json and repositories (Docker's last two sort last by
+      name too; its config falls wherever its hex name sorts);
+    - header mtime (Docker: the image's creation time; ours 0, so every server sends the same bytes), owner names
+      (Docker "root"; ours empty, uid/gid 0 alike) and the file-type bits Docker repeats in the mode field.
+    """
+    docker, entry = _docker_saved()
+    assert entry["RepoTags"] == [DOCKER_SAVE_TAG]
+    plan = _plan_like_docker(tmp_path, docker, entry)
+    data = _render(plan)
+    ours = tarfile.open(fileobj=io.BytesIO(data))
+    docker_ids = [name.split("/")[0] for name in entry["Layers"]]
+    assert len(docker_ids) == 2 and len(set(docker_ids + list(plan.layer_ids))) == 4
+
+    def renamed(text: bytes | str) -> bytes:
+        raw = text.encode() if isinstance(text, str) else text
+        for theirs, mine in zip(docker_ids, plan.layer_ids):
+            raw = raw.replace(theirs.encode(), mine.encode())
+        return raw
+
+    theirs = {renamed(m.name).decode(): m for m in docker.getmembers()}
+    mine = {m.name: m for m in ours.getmembers()}
+    assert sorted(theirs) == sorted(mine)
+    assert [m.name for m in docker.getmembers()] == sorted(m.name for m in docker.getmembers())
+    expected_order = [f"{layer_id}{suffix}" for layer_id in plan.layer_ids
+                      for suffix in ("", "/VERSION", "/json", "/layer.tar")]
+    assert list(mine) == expected_order + [entry["Config"], "manifest.json", "repositories"]
+
+    raw = DOCKER_SAVE.read_bytes()
+    for name, member in mine.items():
+        docker_member = theirs[name]
+        assert (member.type, member.size, member.uid, member.gid) == (
+            docker_member.type, docker_member.size, docker_member.uid, docker_member.gid), name
+        assert member.mode == docker_member.mode & 0o7777, name
+        for source, at in ((data, member.offset), (raw, docker_member.offset)):
+            assert source[at + 257:at + 265] == b"ustar\x0000", name  # POSIX ustar, no GNU or PAX headers
+            assert source[at:at + 100].rstrip(b"\0").endswith(b"/") == member.isdir(), name
+        if member.isfile():
+            assert ours.extractfile(member).read() == renamed(docker.extractfile(docker_member).read()), name
+    assert data[-1024:] == raw[-1024:] == bytes(1024)

@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import tarfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from docker_http_passthrough.shared.registry import RegistryClient, RegistryTarg
 from docker_http_passthrough.shared.store import TEMP_MARK, Store
 from tests.support.fake_registry import REPO, FakeRegistry
 from tests.support.images import sha
+from tests.support.testdata import MULTI_MEMBER_DIFF_ID, MULTI_MEMBER_LAYER
 
 GZIP_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_GZIP_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -134,6 +136,36 @@ def test_sink_inflates_concatenated_gzip_members(step: int):
     assert (sink.blob_size, sink.tar_size) == (len(MULTI_BLOB), len(MULTI_TAR))
 
 
+def _member_ends(blob: bytes) -> list[int]:
+    """Where each gzip member of ``blob`` ends."""
+    ends, offset = [], 0
+    while offset < len(blob):
+        inflater = zlib.decompressobj(wbits=31)
+        inflater.decompress(blob[offset:])
+        assert inflater.eof, "a member that does not end"
+        offset = len(blob) - len(inflater.unused_data)
+        ends.append(offset)
+    return ends
+
+
+def test_sink_inflates_bgzips_multi_member_layer_to_its_diff_id():
+    """testdata/multi-member-layer.tar.gz, made by a real tool (htslib's bgzip): a gzip member per 64 KiB block
+    and an empty last member. Its diff_id is the one recorded when it was made, and what Python's own
+    multi-member gunzip gives; the sink must reach it however the network cuts the bytes."""
+    blob = MULTI_MEMBER_LAYER.read_bytes()
+    ends = _member_ends(blob)
+    assert len(ends) >= 4 and ends[-1] == len(blob)
+    assert gzip.decompress(blob[ends[-2]:]) == b""  # bgzip's end-of-file marker: an empty member
+    assert sha(gzip.decompress(blob)) == MULTI_MEMBER_DIFF_ID
+    splits = [[], [end + delta for end in ends[:-1] for delta in (-1, 0, 1)]] + [
+        list(range(step, len(blob), step)) for step in (7, 4096)]
+    for cuts in splits:
+        tar, error, sink = run_sink(blob, cuts)
+        assert error is None, (error, cuts[:5])
+        assert "sha256:" + sink.tar_hash.hexdigest() == MULTI_MEMBER_DIFF_ID and sha(tar) == MULTI_MEMBER_DIFF_ID
+        assert (sink.blob_size, sink.tar_size) == (len(blob), len(tar))
+
+
 def test_sink_inflates_multi_member_at_every_split_point():
     for split in range(len(MULTI_BLOB) + 1):
         tar, error, _ = run_sink(MULTI_BLOB, [split])
@@ -206,6 +238,22 @@ async def test_fetch_layer_stores_a_multi_member_gzip_layer_as_one_tar(store: St
     assert store.linked_diff_id(layer.descriptor.digest) == layer.diff_id
     assert store.seen("https://reg.example", REPO, layer.descriptor.digest)
     assert partials(store) == []
+
+
+@pytest.mark.anyio
+async def test_fetch_layer_stores_bgzips_multi_member_layer_under_its_diff_id(store: Store):
+    blob = MULTI_MEMBER_LAYER.read_bytes()
+    layer = Layer(blob, MULTI_MEMBER_DIFF_ID)
+    fake = FakeRegistry(chunk=1000)
+    fake.blobs[layer.descriptor.digest] = blob
+    async with fake.http() as http:
+        size = await fetch_layer(client(http), store, layer.descriptor, layer.diff_id)
+    stored = store.layer_path(MULTI_MEMBER_DIFF_ID).read_bytes()
+    assert (size, sha(stored)) == (len(stored), MULTI_MEMBER_DIFF_ID)
+    assert store.linked_diff_id(layer.descriptor.digest) == MULTI_MEMBER_DIFF_ID
+    with tarfile.open(fileobj=io.BytesIO(stored)) as tar:
+        assert sorted(tar.getnames()) == ["etc", "etc/motd", "usr", "usr/share", "usr/share/doc",
+                                          "usr/share/doc/fox.txt"]
 
 
 @pytest.mark.anyio

@@ -32,6 +32,7 @@ from tests.support.fake_registry import (
     streamed,
 )
 from tests.support.images import sha
+from tests.support.testdata import SCHEMA1, SCHEMA1_MEDIA_TYPE
 
 REG = "https://reg.example"
 pytestmark = pytest.mark.usefixtures("fresh_registry_caches")
@@ -106,14 +107,18 @@ async def test_token_endpoint_timeout_is_timed_out():
 
 
 @pytest.mark.anyio
-async def test_head_with_schema1_media_type_is_unsupported():
+async def test_registry_answering_with_a_signed_schema1_manifest_is_unsupported():
+    """testdata/schema1-prettyjws.json is what CNCF distribution sends a client that does not ask for schema2."""
     fake = sample_registry()
-    fake.manifests["old"] = (b'{"schemaVersion": 1}', mf.SCHEMA1[1])
+    fake.manifests["old"] = (SCHEMA1.read_bytes(), SCHEMA1_MEDIA_TYPE)
     async with fake.http() as http:
-        with pytest.raises(Unsupported) as info:
-            await RegistryClient(http, target(), REPO).head_manifest("old")
-    assert info.value.status == 502
-    assert "schema1" in info.value.message
+        client = RegistryClient(http, target(), REPO)
+        for call in (client.head_manifest("old"), client.get_manifest("old")):
+            with pytest.raises(Unsupported) as info:
+                await call
+            assert info.value.status == 502
+            assert "schema1" in info.value.message
+    assert [r.method for r in fake.requests] == ["HEAD", "GET"]
 
 
 @pytest.mark.anyio

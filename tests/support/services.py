@@ -138,16 +138,16 @@ class DockerEngine:
         return self.proc.pid
 
     def run(
-        self, *args: str, check: bool = True, timeout: float = 300
+        self, *args: str, check: bool = True, timeout: float = 300, env: Mapping[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``docker -H <host> <args>``; output is captured as text."""
+        """Run ``docker -H <host> <args>`` (``env`` added to the client's environment); output is captured as text."""
         cmd = [self.docker, "-H", self.host, *args]
         result = subprocess.run(
             cmd,
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=child_env({"DOCKER_CONFIG": str(self.base_dir / "client")}),
+            env=child_env({"DOCKER_CONFIG": str(self.base_dir / "client"), **(env or {})}),
         )
         if check and result.returncode != 0:
             raise AssertionError(
