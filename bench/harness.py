@@ -1,0 +1,152 @@
+"""The run: its plan (sizes and counts), the parts it starts (each stopped at the end, also on Ctrl-C), and the
+phases in order."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import cold, fleet, memory, warm
+from bench.images import make_image
+from bench.processes import Profiler, process_state
+from bench.report import Report, say
+from tests.support.proxy import CountingProxy
+from tests.support.registry import start_registry
+from tests.support.services import ServerProcess
+
+# One name for the registry in every server, whether it reaches it directly or through a proxy, so that all
+# of them put the same image tag into the archive and every download can be compared byte for byte.
+REGISTRY_NAME = "registry.bench.invalid:5000"
+
+
+
+@dataclass
+class Plan:
+    big_mib: int
+    mid_mib: int
+    runs: int  # warm single-client repetitions
+    cold_runs: int
+    clients: int
+    slow_clients: int
+    slow_seconds: float
+    throttled_mib: int
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path, report: Report) -> None:
+        self.args = args
+        self.work = workdir
+        self.report = report
+        self.cleanups: list[Callable[[], None]] = []
+        quick = args.quick
+        big = args.size_mib or (128 if quick else 1024)
+        self.plan = Plan(
+            big_mib=big,
+            mid_mib=min(128 if quick else 256, big),
+            runs=args.runs or (2 if quick else 5),
+            cold_runs=args.cold_runs or (1 if quick else 3),
+            clients=args.clients or (20 if quick else 100),
+            slow_clients=args.slow_clients or (50 if quick else 200),
+            slow_seconds=args.slow_seconds or (10.0 if quick else 60.0),
+            throttled_mib=min(128, big) if quick else big,
+        )
+        self.profiler = Profiler(Path(args.profile).resolve() if args.profile else None)
+        # PREPARE_GRACE: after this long a cold GET gets its headers (exact Content-Length) and streams layers as
+        # they verify. The throttled phase uses 1 s in --quick, so that its small image still takes that path.
+        base_grace = args.grace if args.grace is not None else 20.0
+        self.grace = args.grace if args.grace is not None else (1.0 if quick else 20.0)
+        self.server_env = {"LOG_LEVEL": "info", "REGISTRY_NAME": REGISTRY_NAME, "PREPARE_GRACE": f"{base_grace:g}"}
+        for item in args.server_env or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise SystemExit(f"--server-env wants KEY=VALUE, got {item!r}")
+            self.server_env[key] = value
+
+    def on_cleanup(self, fn: Callable[[], None]) -> None:
+        self.cleanups.append(fn)
+
+    def cleanup(self) -> None:
+        while self.cleanups:
+            fn = self.cleanups.pop()
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - keep cleaning
+                print(f"# cleanup: {exc!r}", file=sys.stderr)
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Stop processes we started but hold no handle on (interrupted while they were starting): every one
+        names our private temporary directory in its command line or environment (CACHE_DIR, --dir, -p)."""
+        needle = str(self.work).encode()
+
+        def ours() -> list[int]:
+            found = []
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit() or int(entry.name) == os.getpid() or process_state(int(entry.name)) == "Z":
+                    continue
+                with contextlib.suppress(OSError):
+                    if needle in (entry / "cmdline").read_bytes() or needle in (entry / "environ").read_bytes():
+                        found.append(int(entry.name))
+            return found
+
+        left = ours()
+        if not left:
+            return
+        say(f"stopping {len(left)} leftover processes: {left}")
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while (left := ours()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in left:  # re-identified just now, so never a recycled pid
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    # -- parts --------------------------------------------------------------------------------
+
+    def server(self, name: str, env: dict[str, str]) -> tuple[ServerProcess, Path]:
+        cache = self.work / f"cache-{name}"
+        log = self.work / f"server-{name}.log"
+        full = {"CACHE_DIR": str(cache), **self.server_env, **env}
+        server = ServerProcess(full, log)
+        self.on_cleanup(server.stop)
+        return server, cache
+
+    def stop_server(self, server: ServerProcess, cache: Path | None) -> None:
+        server.stop()
+        if cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
+
+    def proxy(self, upstream: str) -> CountingProxy:
+        proxy = CountingProxy(upstream).start()
+        self.on_cleanup(proxy.stop)
+        return proxy
+
+    # -- the phases -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        plan = self.plan
+        say(f"plan: {plan}")
+        registry = start_registry(self.work / "registry")
+        self.on_cleanup(registry.stop)
+        say(f"registry {registry.url}")
+        gen = self.work / "gen"
+        gen.mkdir()
+        big = make_image(gen, registry.url, "bench/big", "v1", plan.big_mib, seed=1)
+        mid = make_image(gen, registry.url, "bench/mid", "v1", plan.mid_mib, seed=2)
+
+        server, cache, ref_big = cold.single_client(self, registry.url, big)
+        warm.single_client(self, server, big, ref_big)
+        memory.slow_clients(self, server, big, ref_big)
+        self.stop_server(server, cache)
+        cold.throttled(self, registry.url, big, ref_big)
+        fleet.two_tier(self, registry.url, mid)
