@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.support.registry_fixtures",
     "tests.support.service_fixtures",
+    "tests.support.spans",
     "tests.support.token_fixtures",
 ]
 

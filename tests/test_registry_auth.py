@@ -1,25 +1,23 @@
-"""Unit tests for shared.registry's auth: anonymous, Basic and bearer flows, the token cache, refusals.
-
-No network: the registry, its token endpoint and a CDN are an in-memory fake behind httpx.MockTransport that
-records every request, so each test checks what the client actually sent.
-"""
+"""Unit tests for shared.registry's auth: anonymous, Basic and bearer flows, the token cache, refusals. Each test
+reads what the client sent from the fake registry's request log (tests/support/fake_registry.py)."""
 
 from __future__ import annotations
 
 import types
 
+import docker_http_passthrough.shared.registry as registry
 import httpx
 import pytest
-
-import docker_http_passthrough.shared.registry as registry
 from docker_http_passthrough.shared import manifest as mf
 from docker_http_passthrough.shared.errors import Forbidden, Unauthorized
 from docker_http_passthrough.shared.registry import (
     Credentials,
     RegistryClient,
-    RegistryTarget,
 )
+
 from tests.support.fake_registry import (
+    ALICE,
+    BOB,
     REALM,
     REPO,
     SERVICE,
@@ -27,19 +25,13 @@ from tests.support.fake_registry import (
     V1_MANIFEST,
     basic_header,
     sample_registry,
+    target,
 )
 from tests.support.images import sha
 
-REG = "https://reg.example"
 pytestmark = pytest.mark.usefixtures("fresh_registry_caches")
 
 
-def target(**kwargs) -> RegistryTarget:
-    return RegistryTarget(REG, "reg.example", **kwargs)
-
-
-ALICE = Credentials("alice", "alice-secret-pw")
-BOB = Credentials("bob", "bob-secret-pw")
 
 
 # --- anonymous and token flows

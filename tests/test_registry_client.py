@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
 from docker_http_passthrough.shared import manifest as mf
-from docker_http_passthrough.shared.errors import InvalidContent, NotFound, TimedOut, Unreachable, Unsupported
+from docker_http_passthrough.shared.errors import (
+    InvalidContent,
+    NotFound,
+    TimedOut,
+    Unreachable,
+    Unsupported,
+)
 from docker_http_passthrough.shared.registry import (
     DOCKER_HUB_SERVICE,
     DOCKER_HUB_TOKEN_URL,
@@ -22,7 +27,9 @@ from docker_http_passthrough.shared.registry import (
     target_from_url,
 )
 from docker_http_passthrough.shared.settings import load_settings
+
 from tests.support.fake_registry import (
+    ALICE,
     CONFIG_BLOB,
     REPO,
     USERS,
@@ -30,20 +37,14 @@ from tests.support.fake_registry import (
     basic_header,
     sample_registry,
     streamed,
+    target,
 )
 from tests.support.images import sha
 from tests.support.testdata import SCHEMA1, SCHEMA1_MEDIA_TYPE
 
-REG = "https://reg.example"
 pytestmark = pytest.mark.usefixtures("fresh_registry_caches")
 
 
-def target(**kwargs) -> RegistryTarget:
-    return RegistryTarget(REG, "reg.example", **kwargs)
-
-
-ALICE = Credentials("alice", "alice-secret-pw")
-BOB = Credentials("bob", "bob-secret-pw")
 
 
 # --- other failures
@@ -262,7 +263,7 @@ def test_target_from_settings_private_registry_with_token_endpoint():
 
 def test_credentials_repr_and_identity_hide_the_password():
     creds = Credentials("alice", "p4ssw0rd-very-secret")
-    for text in (repr(creds), str(creds), creds.identity, repr(RegistryTarget(REG, "reg.example"))):
+    for text in (repr(creds), str(creds), creds.identity, repr(target())):
         assert "p4ssw0rd-very-secret" not in text
     assert "alice" in repr(creds)
     assert creds.identity == Credentials("alice", "p4ssw0rd-very-secret").identity

@@ -10,11 +10,9 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 import docker_http_passthrough.shared.registry as registry_module
@@ -24,7 +22,6 @@ from tests.support.downloads import image_url
 from tests.support.images import make_layer
 from tests.support.spans import (
     assert_no_secrets,
-    capture_spans,
     chain,
     download_records,
     in_trace,
@@ -42,17 +39,6 @@ GET_MANIFEST = "GET /v2/{repository}/manifests/{reference}"
 GET_BLOB = "GET /v2/{repository}/blobs/{digest}"
 TOKEN = "GET {registry_token_endpoint}"
 ALICE = ("alice", "wonderland")
-
-
-@pytest.fixture(scope="module")
-def exporter() -> Iterator[InMemorySpanExporter]:
-    with capture_spans() as exporter:
-        yield exporter
-
-
-@pytest.fixture(autouse=True)
-def _clear_spans(exporter: InMemorySpanExporter) -> None:
-    exporter.clear()
 
 
 @pytest.fixture

@@ -10,12 +10,10 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -35,26 +33,15 @@ from docker_http_passthrough.shared.telemetry import (
 )
 from tests.support.asgi import drive_asgi
 from tests.support.services import REPO_ROOT
-from tests.support.spans import capture_spans, download_records, one, trace_hex
+from tests.support.spans import download_records, one, trace_hex
 
 ROUTE_DOCKER = "GET /docker/{filename}"
-
-
-@pytest.fixture(scope="module")
-def exporter() -> Iterator[InMemorySpanExporter]:
-    with capture_spans() as exporter:
-        yield exporter
-
-
-@pytest.fixture(autouse=True)
-def _clear_spans(exporter: InMemorySpanExporter) -> None:
-    exporter.clear()
 
 
 # --------------------------------------------------------------------------- the helpers themselves
 
 
-def test_trace_context_survives_a_job_payload_and_links_to_its_starter():
+def test_trace_context_survives_a_job_payload_and_links_to_its_starter(exporter):
     with tracer().start_as_current_span("starter") as span:
         carrier = inject_context()
     assert carrier["traceparent"].split("-")[1] == format(span.get_span_context().trace_id, "032x")

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import httpx
+from docker_http_passthrough.shared.registry import Credentials, RegistryTarget
 
 from tests.support.images import DOCKER_CONFIG, DOCKER_MANIFEST, sha
 
@@ -36,6 +37,8 @@ REALM = f"https://{TOKEN_HOST}/token"
 SERVICE = "reg.example"
 
 USERS = {"alice": "alice-secret-pw", "bob": "bob-secret-pw"}  # for FakeRegistry(auth, users=USERS)
+ALICE = Credentials("alice", USERS["alice"])
+BOB = Credentials("bob", USERS["bob"])
 # What sample_registry() holds: a small image manifest (tag v1) and a config-sized blob.
 V1_MANIFEST = json.dumps({
     "schemaVersion": 2,
@@ -51,6 +54,11 @@ _PATH_RE = re.compile(r"^/v2/(?P<repo>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]
 def basic_header(user: str, password: str) -> str:
     """The ``Authorization`` value of HTTP Basic credentials."""
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def target(**kwargs: Any) -> RegistryTarget:
+    """The fake registry as a client's target: ``https://reg.example``."""
+    return RegistryTarget("https://reg.example", "reg.example", **kwargs)
 
 
 def sample_registry(auth: str | None = None, **kwargs: Any) -> FakeRegistry:

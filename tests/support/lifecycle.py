@@ -81,8 +81,9 @@ class ThreadedServer:
     """``handler`` served on 127.0.0.1:<free port> from a daemon thread.
 
     ``attributes`` are set on the server object before it serves, so a handler reaches its owner as
-    ``self.server.<name>`` (e.g. ``ThreadedServer(_ProxyHandler, proxy=self)``). Binding port 0 lets the kernel
-    pick the port, so there is no race with other processes.
+    ``self.server.<name>``; a test server subclasses this and passes itself (``super().__init__(_ProxyHandler,
+    "CountingProxy", proxy=self)``). Binding port 0 lets the kernel pick the port, so there is no race with other
+    processes.
     """
 
     def __init__(self, handler: type[BaseHTTPRequestHandler], name: str = "test-server", **attributes: Any) -> None:
@@ -127,8 +128,12 @@ class ThreadedServer:
         return int(self._server.server_address[1])
 
     @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}"
 
     def __enter__(self) -> Self:
         return self.start()

@@ -65,7 +65,7 @@ class ProxyRecord(NamedTuple):
     status: int
 
 
-class CountingProxy:
+class CountingProxy(ThreadedServer):
     """Reverse proxy on 127.0.0.1:<free port> in front of ``upstream_url``.
 
     Fault knobs may be changed at any time (they are read per request, or per
@@ -94,34 +94,7 @@ class CountingProxy:
         self.fail_status: dict[str, int] = {}
         self.delay_seconds_before_headers: float = 0.0
 
-        self._server = ThreadedServer(_ProxyHandler, "CountingProxy", proxy=self)
-
-    # -- lifecycle -----------------------------------------------------------------
-
-    def start(self) -> CountingProxy:
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def __enter__(self) -> CountingProxy:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._server.port
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
+        super().__init__(_ProxyHandler, "CountingProxy", proxy=self)
 
     # -- recording -----------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from tests.support.images import sha
 from tests.support.lifecycle import ThreadedServer
 
 
-class RogueRegistry:
+class RogueRegistry(ThreadedServer):
     def __init__(self, repository: str, tag: str, manifest: bytes, media_type: str, blobs: dict[str, bytes]):
         self.repository = repository
         self.tag = tag
@@ -21,11 +21,7 @@ class RogueRegistry:
         self.digest = sha(manifest)
         self.blobs = blobs  # what it really holds (e.g. its config), by digest
         self.requests: list[tuple[str, str, int]] = []
-        self._server = ThreadedServer(_RogueHandler, "RogueRegistry", rogue=self)
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self._server.port}"
+        super().__init__(_RogueHandler, "RogueRegistry", rogue=self)
 
     def answer(self, path: str) -> tuple[int, dict[str, str], bytes]:
         """(status, headers, body) for a GET or HEAD of ``path``."""
@@ -38,13 +34,6 @@ class RogueRegistry:
             if blob is not None:
                 return 200, {"Content-Type": "application/octet-stream"}, blob
         return 404, {"Content-Type": "application/json"}, b'{"errors":[]}'
-
-    def __enter__(self) -> RogueRegistry:
-        self._server.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.stop()
 
 
 class _RogueHandler(BaseHTTPRequestHandler):

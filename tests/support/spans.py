@@ -1,12 +1,8 @@
 """Spans caught in memory, and the helpers that read them: where a span sits, what it carries.
 
 The global tracer provider can be set once per process, so ``capture_spans()`` installs an SDK provider only if
-there is none yet and adds an in-memory exporter to it; a test module wraps it in a module-scoped fixture:
-
-    @pytest.fixture(scope="module")
-    def exporter():
-        with capture_spans() as exporter:
-            yield exporter
+there is none yet and adds an in-memory exporter to it. This module is a pytest plugin (see tests/conftest.py):
+a test that takes the ``exporter`` fixture gets the spans ended during that test.
 """
 
 from __future__ import annotations
@@ -15,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 
+import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -37,6 +34,19 @@ def capture_spans() -> Iterator[InMemorySpanExporter]:
     finally:
         exporter.clear()
         exporter.shutdown()
+
+
+@pytest.fixture(scope="module")
+def _span_capture() -> Iterator[InMemorySpanExporter]:
+    with capture_spans() as exporter:
+        yield exporter
+
+
+@pytest.fixture
+def exporter(_span_capture: InMemorySpanExporter) -> InMemorySpanExporter:
+    """The spans ended during this test, in memory (an SDK tracer provider is installed if there is none)."""
+    _span_capture.clear()
+    return _span_capture
 
 
 def spans_named(spans: Iterable[ReadableSpan], name: str) -> list[ReadableSpan]:

@@ -38,7 +38,7 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from tests.support.jwt_signing import SigningKey
@@ -74,7 +74,7 @@ def parse_scope(scope: str) -> tuple[str, str, list[str]] | None:
     return resource_type, name, [a for a in actions.split(",") if a]
 
 
-class TokenServer:
+class TokenServer(ThreadedServer):
     """Threaded Docker token endpoint on a free loopback port.
 
     Attributes you may change at any time (read per request):
@@ -115,33 +115,13 @@ class TokenServer:
 
         self._lock = threading.Lock()
         self._requests: list[TokenRequest] = []
-        self._server = ThreadedServer(_TokenHandler, "TokenServer", tokens=self)
-
-    # -- lifecycle -----------------------------------------------------------------
-
-    def start(self) -> TokenServer:
-        self._server.start()
-        return self
+        super().__init__(_TokenHandler, "TokenServer", tokens=self)
 
     def stop(self) -> None:
-        self._server.stop()
+        super().stop()
         if self._tempdir is not None:
             self._tempdir.cleanup()
             self._tempdir = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._server.port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def realm(self) -> str:
