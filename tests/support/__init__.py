@@ -1,0 +1,13 @@
+"""The test harness: real parts started on loopback for each test or session, and fakes for unit tests.
+
+- ``lifecycle``: start and stop threaded servers and child processes (free ports, readiness, termination).
+- ``registry``, ``registry_fixtures``: CNCF distribution, behind ``proxy`` (counting, fault-injecting);
+  ``token_server``, ``token_fixtures``, ``jwt_signing``, ``bearer_client``: a registry with bearer-token auth;
+  ``rogue_registry``: one that lies about what it holds.
+- ``services``, ``service_fixtures``: redis-server, dockerd, the project's server and workers, the ``stack`` fixture.
+- ``images``, ``pushing``: test images built in memory and pushed; ``sha()``.
+- ``downloads``, ``faults``: download like a switch and check what came back.
+- ``fake_registry``: an in-memory registry behind httpx.MockTransport for unit tests.
+- ``asgi``, ``spans``: the app in this process, spans in memory; ``otlp_receiver``: a real OTLP collector.
+- ``testdata``, ``make_testdata``: the fixture files in testdata/ and how they were made.
+"""

@@ -7,8 +7,7 @@
     receiver.stop()
 
 Each received span is flattened into a :class:`ReceivedSpan` carrying its resource attributes (service.name,
-dhp.tier, …) so tests can tell which process sent it. ``otlp_receiver`` is a fixture starting one per test
-(list this module in ``pytest_plugins`` or wrap it in a fixture of your own).
+dhp.tier, …) so tests can tell which process sent it.
 """
 
 from __future__ import annotations
@@ -17,10 +16,9 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import grpc
-import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
@@ -152,10 +150,3 @@ class OtlpReceiver:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-@pytest.fixture
-def otlp_receiver() -> Iterator[OtlpReceiver]:
-    """A running OtlpReceiver for this test (import it into a test module to use it)."""
-    with OtlpReceiver() as receiver:
-        yield receiver
