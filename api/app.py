@@ -1,4 +1,5 @@
-"""The starlette application: routes, and the parts each request uses (store, HTTP client, preparer)."""
+"""The starlette application: routes, and the parts each request uses, which the app owns for its lifetime:
+the store, `Registries` (connection pool and auth cache), the preparer, the error cache and the size guesses."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from docker_http_passthrough.api.download import download, job_status, prewarm
+from docker_http_passthrough.api.download_routes import download, job_status, prewarm
+from docker_http_passthrough.api.early_stream import SizeGuesses
+from docker_http_passthrough.api.embedded_preparer import EmbeddedPreparer
 from docker_http_passthrough.api.observability import TelemetryMiddleware, metrics
-from docker_http_passthrough.api.preparation import EmbeddedPreparer, QueuePreparer
+from docker_http_passthrough.api.queue_preparer import QueuePreparer
 from docker_http_passthrough.api.resolution import ErrorCache
-from docker_http_passthrough.shared.registry import new_http_client, target_from_settings
+from docker_http_passthrough.shared.registry import Registries, new_http_client
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import Store
+from docker_http_passthrough.shared.targets import target_from_settings
 from docker_http_passthrough.shared.telemetry import flush_tracing, setup_tracing
 
 log = logging.getLogger("docker_http_passthrough.api")
@@ -55,19 +59,20 @@ def create_app(settings: Settings) -> Starlette:
         swept = store.sweep_partials()
         if swept:
             log.info("removed %d partial files left by crashed writers", swept)
-        async with new_http_client(settings) as http:
+        async with Registries(new_http_client(settings)) as registries:
             app.state.settings = settings
             app.state.store = store
-            app.state.http = http
+            app.state.registries = registries
             app.state.default_target = target_from_settings(settings)
             app.state.error_cache = ErrorCache(settings.error_cache_seconds)
+            app.state.size_guesses = SizeGuesses()
             if settings.two_tier:
                 if not settings.credentials_key:
                     log.warning("CREDENTIALS_KEY is not set: requests with client credentials will get 503 in "
                                 "two-tier mode")
                 app.state.preparer = QueuePreparer(settings, store)
             else:
-                app.state.preparer = EmbeddedPreparer(settings, store, http)
+                app.state.preparer = EmbeddedPreparer(settings, store, registries)
             try:
                 yield
             finally:

@@ -7,8 +7,8 @@ import binascii
 from dataclasses import dataclass
 
 from docker_http_passthrough.shared.errors import BadRequest
-from docker_http_passthrough.shared.registry import Credentials, RegistryTarget
 from docker_http_passthrough.shared.settings import Settings
+from docker_http_passthrough.shared.targets import Credentials, RegistryTarget, settings_auth
 
 CHALLENGE = 'Basic realm="registry credentials"'
 
@@ -44,9 +44,7 @@ def choose_upstream_auth(settings: Settings, target: RegistryTarget, default_tar
     if client is not None:
         return UpstreamAuth("client", client, None)
     if target.api_url == default_target.api_url:
-        creds = None
-        if settings.registry_username and settings.registry_password:
-            creds = Credentials(settings.registry_username, settings.registry_password)
-        if creds or settings.registry_bearer_token:
-            return UpstreamAuth("settings", creds, settings.registry_bearer_token)
+        credentials, token = settings_auth(settings)
+        if credentials or token:
+            return UpstreamAuth("settings", credentials, token)
     return UpstreamAuth("anonymous", None, None)

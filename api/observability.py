@@ -52,6 +52,51 @@ def _host_and_port(scope: Scope, headers: dict[str, str]) -> tuple[str, int | No
     return server[0] or "", server[1] or None
 
 
+def _request_attributes(scope: Scope, headers: dict[str, str], template: str | None) -> dict:
+    """The server span's attributes known before the app runs (only what is known: an empty string or port 0
+    would be wrong, not missing)."""
+    address, port = _host_and_port(scope, headers)
+    client = scope.get("client") or (None, None)
+    attributes = {
+        "http.request.method": scope["method"], "url.path": scope["path"], "url.scheme": scope.get("scheme", "http"),
+        "network.protocol.name": "http", "network.protocol.version": scope.get("http_version", "1.1"),
+        "network.transport": "tcp",
+    }
+    for name, value in (("http.route", template), ("server.address", address), ("server.port", port),
+                        ("client.address", client[0]), ("network.peer.address", client[0]),
+                        ("network.peer.port", client[1]), ("user_agent.original", headers.get("user-agent"))):
+        if value:
+            attributes[name] = value
+    if scope["path"].startswith(DOWNLOAD_PREFIXES):
+        # Known before the route runs, so present even when it fails early (e.g. 401 credentials_required).
+        attributes["registry.client_auth.credentials_present"] = "authorization" in headers
+        settings = getattr(getattr(scope.get("app"), "state", None), "settings", None)
+        if settings is not None:
+            attributes["registry.client_auth.mode"] = settings.registry_client_auth
+    return attributes
+
+
+class _ResponseRecorder:
+    """Wraps `send`: what the response said (status, challenge) and how much of it went out."""
+
+    def __init__(self, send: Send):
+        self._send = send
+        self.status = 500
+        self.bytes = 0
+        self.challenge = False
+        self.finished = False  # the last body message went out (a client that hangs up never gets it)
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.challenge = any(k.lower() == b"www-authenticate" for k, _ in message.get("headers", ()))
+        elif message["type"] == "http.response.body":
+            self.bytes += len(message.get("body", b""))
+        await self._send(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.finished = True
+
+
 class TelemetryMiddleware:
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -61,81 +106,54 @@ class TelemetryMiddleware:
             await self.app(scope, receive, send)
             return
         template = _route_template(scope)
-        method = scope["method"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
-        address, port = _host_and_port(scope, headers)
-        client = scope.get("client") or (None, None)
-        attributes = {
-            "http.request.method": method, "url.path": scope["path"], "url.scheme": scope.get("scheme", "http"),
-            "network.protocol.name": "http", "network.protocol.version": scope.get("http_version", "1.1"),
-            "network.transport": "tcp",
-        }
-        # Only what is known: an empty string or port 0 would be wrong, not missing.
-        for name, value in (("http.route", template), ("server.address", address), ("server.port", port),
-                            ("client.address", client[0]), ("network.peer.address", client[0]),
-                            ("network.peer.port", client[1]), ("user_agent.original", headers.get("user-agent"))):
-            if value:
-                attributes[name] = value
-        download = scope["path"].startswith(DOWNLOAD_PREFIXES)
-        if download:
-            # Known before the route runs, so present even when it fails early (e.g. 401 credentials_required).
-            attributes["registry.client_auth.credentials_present"] = "authorization" in headers
-            settings = getattr(getattr(scope.get("app"), "state", None), "settings", None)
-            if settings is not None:
-                attributes["registry.client_auth.mode"] = settings.registry_client_auth
+        attributes = _request_attributes(scope, headers, template)
         started = time.monotonic()
-        result = {"status": 500, "bytes": 0, "challenge": False, "finished": False}
+        recorder = _ResponseRecorder(send)
         scope.setdefault("state", {})
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                result["status"] = message["status"]
-                result["challenge"] = any(k.lower() == b"www-authenticate" for k, _ in message.get("headers", ()))
-            elif message["type"] == "http.response.body":
-                result["bytes"] += len(message.get("body", b""))
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                result["finished"] = True
-
         # One span per request, started here and ended when the last byte went out: never one per ASGI message.
         # Probes (/health every few seconds, /metrics scrapes) would only bury the downloads: no span for them.
-        traced = scope["path"] not in UNTRACED_PATHS
+        method = scope["method"]
         span_context = tracer().start_as_current_span(f"{method} {template}" if template else method,
                                                       kind=SpanKind.SERVER, attributes=attributes) \
-            if traced else contextlib.nullcontext(INVALID_SPAN)
+            if scope["path"] not in UNTRACED_PATHS else contextlib.nullcontext(INVALID_SPAN)
         with span_context as span:
             failure: BaseException | None = None
             try:
-                await self.app(scope, receive, counting_send)
+                await self.app(scope, receive, recorder.send)
             except BaseException as exc:
                 failure = exc
                 raise
             finally:
-                status = result["status"]
-                # Complete: the last body message went out (a client that hangs up mid-stream never gets it).
-                completed = failure is None and result["finished"]
-                span.set_attribute("http.response.status_code", status)
-                span.set_attribute("http.response.body.size", result["bytes"])
-                noted = scope["state"].get("span_attributes") or {}
-                for name, value in noted.items():
-                    span.set_attribute(name, value)
-                if download:
-                    span.set_attribute("registry.client_auth.challenge_sent", result["challenge"])
-                crashed = failure is not None and not isinstance(failure, _DISCONNECTS)
-                if status >= 500 or not completed:
-                    span.set_status(Status(StatusCode.ERROR))
-                    if crashed:
-                        error = type(failure).__name__
-                    elif not completed:
-                        error = "connection_closed"
-                    else:
-                        error = noted.get("error.type") or str(status)  # the route's own code says more
-                    span.set_attribute("error.type", error)
-                REQUESTS.labels(template or "unmatched", method, str(status)).inc()
-                if download:
-                    self._log_download(scope, template or "unmatched", status, result["bytes"],
-                                       time.monotonic() - started, completed,
-                                       type(failure).__name__ if crashed else None)
+                self._finish(scope, span, template, recorder, failure, time.monotonic() - started)
+
+    def _finish(self, scope: Scope, span, template: str | None, recorder: _ResponseRecorder,
+                failure: BaseException | None, seconds: float) -> None:
+        """The span's response attributes and status, the request counter, and the download's log line."""
+        status = recorder.status
+        download = scope["path"].startswith(DOWNLOAD_PREFIXES)
+        completed = failure is None and recorder.finished
+        span.set_attribute("http.response.status_code", status)
+        span.set_attribute("http.response.body.size", recorder.bytes)
+        noted = scope["state"].get("span_attributes") or {}
+        for name, value in noted.items():
+            span.set_attribute(name, value)
+        if download:
+            span.set_attribute("registry.client_auth.challenge_sent", recorder.challenge)
+        crashed = failure is not None and not isinstance(failure, _DISCONNECTS)
+        if status >= 500 or not completed:
+            span.set_status(Status(StatusCode.ERROR))
+            if crashed:
+                error = type(failure).__name__
+            elif not completed:
+                error = "connection_closed"
+            else:
+                error = noted.get("error.type") or str(status)  # the route's own code says more
+            span.set_attribute("error.type", error)
+        REQUESTS.labels(template or "unmatched", scope["method"], str(status)).inc()
+        if download:
+            self._log_download(scope, template or "unmatched", status, recorder.bytes, seconds, completed,
+                               type(failure).__name__ if crashed else None)
 
     @staticmethod
     def _log_download(scope: Scope, template: str, status: int, sent: int, seconds: float, completed: bool,
@@ -162,7 +180,7 @@ async def metrics(request: Request) -> Response:
     settings = state.settings
     if settings.two_tier:
         try:
-            QUEUE_DEPTH.set(await state.preparer.redis.llen(f"rq:queue:{settings.queue_name}"))
+            QUEUE_DEPTH.set(await state.preparer.queue_depth())
         except Exception:  # Redis down: leave the last value, /health says why
             pass
     STORE_BYTES.set(state.store.layer_bytes())

@@ -29,9 +29,11 @@ from docker_http_passthrough.shared.errors import (
     Unreachable,
 )
 from docker_http_passthrough.shared.name import FilenameError, ImageName, parse_filename
-from docker_http_passthrough.shared.prepare import image_key, manifest_bytes
-from docker_http_passthrough.shared.registry import Credentials, RegistryClient, RegistryTarget, target_from_url
+from docker_http_passthrough.shared.jobs import image_key
+from docker_http_passthrough.shared.registry import RegistryClient
+from docker_http_passthrough.shared.small_blobs import manifest_bytes
 from docker_http_passthrough.shared.store import Store
+from docker_http_passthrough.shared.targets import Credentials, RegistryTarget, target_from_url
 from docker_http_passthrough.shared.telemetry import tracer
 
 log = logging.getLogger("docker_http_passthrough.api")
@@ -177,7 +179,7 @@ async def _resolve(request: Request, wanted: ImageRequest) -> Resolution:
     if remembered is not None:
         trace.get_current_span().set_attribute("dhp.error_cache.hit", True)
         raise remembered
-    client = RegistryClient(state.http, target, image.repository, auth.credentials, auth.token)
+    client = RegistryClient(state.registries, target, image.repository, auth.credentials, auth.token)
     try:
         digest = await resolve_platform_digest(client, state.store, image.tag, settings.platform)
     except REMEMBERED_ERRORS as exc:

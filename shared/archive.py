@@ -11,39 +11,27 @@ memory and each layer is referenced by (path, size). That gives the exact
 streamed without touching the bytes before ``start``. Output is
 deterministic: fixed mtime/uid/gid/modes, and no padding beyond the two
 end-of-archive blocks.
+
+The bytes themselves are read by ``archive_reader.ArchiveReader``, the one
+way archives are read (HTTP responses and ``write_archive`` alike).
 """
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import hashlib
 import json
-import os
 import re
-import stat
 import tarfile
 from bisect import bisect_right
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
-import anyio.to_thread
-
-__all__ = [
-    "ArchivePlan",
-    "ArchiveSourceError",
-    "LayerFile",
-    "Segment",
-    "iter_archive",
-    "plan_archive",
-    "write_archive",
-]
+from docker_http_passthrough.shared.digests import PREFIX, sha256_digest
 
 BLOCK = 512
 # ustar stores the size in 11 octal digits.
 MAX_MEMBER_SIZE = 8**11 - 1  # 8 GiB - 1
-DEFAULT_CHUNK = 1 << 20  # 64 KiB pieces are ~5x slower through uvicorn
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -89,11 +77,6 @@ class LayerFile:
     path: str  # file path of the uncompressed layer tar in the store
 
 
-class ArchiveSourceError(Exception):
-    """A layer file vanished or changed size while streaming; the caller must
-    abort the response (close the connection) so the client holds a short file."""
-
-
 @dataclass(frozen=True)
 class Segment:
     """A contiguous piece of the archive: in-memory ``data`` or a file ``path``."""
@@ -112,6 +95,20 @@ class ArchivePlan:
     layer_ids: tuple[str, ...]  # v1 layer ids, bottom to top
     config_name: str  # "<hex>.json"
     repo_tag: str
+
+    def spans(self, start: int, end: int) -> Iterator[tuple[Segment, int, int]]:
+        """Yield (segment, offset within it, length) covering [start, end)."""
+        if not 0 <= start <= end <= self.size:
+            raise ValueError(f"invalid range [{start}, {end}) for an archive of {self.size} bytes")
+        i = bisect_right(self.offsets, start) - 1
+        pos = start
+        while pos < end:
+            seg = self.segments[i]
+            lo = pos - seg.offset
+            n = min(seg.length - lo, end - pos)
+            yield seg, lo, n
+            pos += n
+            i += 1
 
 
 def _json(obj: Any) -> bytes:
@@ -183,7 +180,7 @@ def _validate(
         raise ValueError(
             f"config_digest must be 'sha256:<64 hex>', got {config_digest!r}"
         )
-    actual = "sha256:" + hashlib.sha256(config).hexdigest()
+    actual = sha256_digest(config)
     if actual != config_digest:
         raise ValueError(
             f"config digest mismatch: expected {config_digest}, got {actual}"
@@ -259,7 +256,7 @@ def plan_archive(
     """
     parsed = _validate(config, config_digest, layers)
     name, tag = _split_repo_tag(repo_tag)
-    config_hex = config_digest.removeprefix("sha256:")
+    config_hex = config_digest.removeprefix(PREFIX)
     config_name = f"{config_hex}.json"
 
     b = _Builder()
@@ -267,7 +264,7 @@ def plan_archive(
     parent = ""
     for i, layer in enumerate(layers):
         top = i == len(layers) - 1
-        diff_hex = layer.diff_id.removeprefix("sha256:")
+        diff_hex = layer.diff_id.removeprefix(PREFIX)
         # Deterministic and unique per chain; the top id also depends on the
         # config so two images sharing all layers still get distinct ids.
         seed = f"{diff_hex} {parent} {config_digest}" if top else f"{diff_hex} {parent}"
@@ -302,190 +299,3 @@ def plan_archive(
         config_name=config_name,
         repo_tag=repo_tag,
     )
-
-
-def _spans(
-    plan: ArchivePlan, start: int, end: int
-) -> Iterator[tuple[Segment, int, int]]:
-    """Yield (segment, offset within it, length) covering [start, end)."""
-    if not 0 <= start <= end <= plan.size:
-        raise ValueError(
-            f"invalid range [{start}, {end}) for an archive of {plan.size} bytes"
-        )
-    i = bisect_right(plan.offsets, start) - 1
-    pos = start
-    while pos < end:
-        seg = plan.segments[i]
-        lo = pos - seg.offset
-        n = min(seg.length - lo, end - pos)
-        yield seg, lo, n
-        pos += n
-        i += 1
-
-
-def _open_checked(seg: Segment) -> int:
-    """Open a layer file and make sure it still has the planned size."""
-    assert seg.path is not None
-    try:
-        fd = os.open(seg.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise ArchiveSourceError(f"layer file {seg.path} unavailable: {exc}") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != seg.length:
-            raise ArchiveSourceError(
-                f"layer file {seg.path} is {st.st_size} bytes, expected {seg.length}"
-            )
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _pread_exact(fd: int, n: int, offset: int, path: str | None) -> bytes:
-    data = os.pread(fd, n, offset)
-    if len(data) == n:
-        return data
-    # Rare: loop for a partial read; only an empty read means the file shrank.
-    parts = [data]
-    got = len(data)
-    while got < n:
-        more = os.pread(fd, n - got, offset + got)
-        if not more:
-            raise ArchiveSourceError(
-                f"layer file {path} ended early: wanted {n} bytes at {offset}, got {got}"
-            )
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
-
-
-_NOWAIT = getattr(os, "RWF_NOWAIT", None)
-
-
-class ArchiveReader:
-    """Reads ranges of one archive for one response. Layer files are opened once; a read the page cache can
-    serve is done right here (preadv with RWF_NOWAIT: no thread hop, no buffer copy), any other in a worker
-    thread, so the event loop never waits on a disk."""
-
-    nowait_supported = _NOWAIT is not None
-
-    def __init__(self, plan: ArchivePlan):
-        self.plan = plan
-        self.fds: dict[str, int] = {}
-
-    def _fd(self, seg: Segment) -> int:
-        fd = self.fds.get(seg.path)
-        if fd is None:
-            fd = self.fds[seg.path] = _open_checked(seg)
-        return fd
-
-    def _fill(self, start: int, end: int, nowait: bool) -> memoryview | None:
-        view = memoryview(bytearray(end - start))
-        pos = 0
-        for seg, lo, n in _spans(self.plan, start, end):
-            if seg.data is not None:
-                view[pos : pos + n] = seg.data[lo : lo + n]
-            else:
-                fd = self._fd(seg)
-                got = 0
-                while got < n:
-                    try:
-                        k = os.preadv(fd, [view[pos + got : pos + n]], lo + got, _NOWAIT if nowait else 0)
-                    except BlockingIOError:
-                        return None  # not in the page cache: the caller reads in a thread
-                    except OSError as exc:
-                        if nowait and exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                            ArchiveReader.nowait_supported = False  # this filesystem cannot say
-                            return None
-                        raise
-                    if k == 0:
-                        if nowait:
-                            return None
-                        raise ArchiveSourceError(f"layer file {seg.path} ended early at {lo + got}")
-                    got += k
-            pos += n
-        return view
-
-    async def read(self, start: int, end: int) -> memoryview:
-        data = self._fill(start, end, nowait=True) if self.nowait_supported else None
-        if data is None:
-            data = await anyio.to_thread.run_sync(self._fill, start, end, False)
-        else:
-            # Always give the loop a turn: a server's send() to a client that hung up returns at once, and
-            # without this a stream would read the rest of the archive before its cancellation could land.
-            await asyncio.sleep(0)
-        return data
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-async def iter_archive(
-    plan: ArchivePlan,
-    start: int = 0,
-    end: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
-) -> AsyncIterator[bytes]:
-    """Yield bytes [start, end) of the archive in chunks of exactly
-    ``chunk_size`` (the last may be shorter).
-
-    Disk I/O runs in worker threads so the event loop never blocks. Raises
-    ArchiveSourceError if a layer file is missing, resized or truncated.
-    """
-    if chunk_size <= 0:
-        raise ValueError("chunk_size must be positive")
-    end = plan.size if end is None else end
-    buf = bytearray()
-    for seg, lo, n in _spans(plan, start, end):
-        if seg.data is not None:
-            view = memoryview(seg.data)[lo : lo + n]
-            while view:
-                take = chunk_size - len(buf)
-                buf += view[:take]
-                view = view[take:]
-                if len(buf) == chunk_size:
-                    yield bytes(buf)
-                    buf.clear()
-            continue
-        fd = await anyio.to_thread.run_sync(_open_checked, seg)
-        try:
-            offset, left = lo, n
-            while left:
-                take = min(left, chunk_size - len(buf))
-                data = await anyio.to_thread.run_sync(
-                    _pread_exact, fd, take, offset, seg.path
-                )
-                offset += take
-                left -= take
-                if not buf and take == chunk_size:
-                    yield data  # whole chunk straight from disk: no extra copy
-                    continue
-                buf += data
-                if len(buf) == chunk_size:
-                    yield bytes(buf)
-                    buf.clear()
-        finally:
-            os.close(fd)
-    if buf:
-        yield bytes(buf)
-
-
-def write_archive(plan: ArchivePlan, out: BinaryIO) -> None:
-    """Write the whole archive to ``out`` (synchronous twin of iter_archive)."""
-    for seg, lo, n in _spans(plan, 0, plan.size):
-        if seg.data is not None:
-            out.write(memoryview(seg.data)[lo : lo + n])
-            continue
-        fd = _open_checked(seg)
-        try:
-            offset, left = lo, n
-            while left:
-                take = min(left, DEFAULT_CHUNK)
-                out.write(_pread_exact(fd, take, offset, seg.path))
-                offset += take
-                left -= take
-        finally:
-            os.close(fd)

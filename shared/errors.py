@@ -7,6 +7,13 @@ class PassthroughError(Exception):
     status: int = 502
     code: str = "error"
 
+    def __init_subclass__(cls, *, status: int | None = None, code: str | None = None, **kwargs: object):
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status = status
+        if code is not None:
+            cls.code = code
+
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
@@ -24,41 +31,48 @@ class PassthroughError(Exception):
                    code=str(data.get("error", "error")))
 
 
-class BadRequest(PassthroughError):
-    status, code = 400, "bad_request"
+class BadRequest(PassthroughError, status=400, code="bad_request"):
+    """The filename breaks a rule, or the registry host or the client's credentials are malformed."""
 
 
-class NotFound(PassthroughError):
-    status, code = 404, "not_found"
+class NotFound(PassthroughError, status=404, code="not_found"):
+    """No such repository, tag or platform at the registry."""
 
 
-class Unauthorized(PassthroughError):
+class Unauthorized(PassthroughError, status=401, code="registry_unauthorized"):
     """The registry refused access; the client may retry with (other) credentials."""
 
-    status, code = 401, "registry_unauthorized"
+
+class Forbidden(PassthroughError, status=403, code="registry_forbidden"):
+    """The registry refused the credentials that were sent."""
 
 
-class Forbidden(PassthroughError):
-    status, code = 403, "registry_forbidden"
+class Unreachable(PassthroughError, status=502, code="registry_unreachable"):
+    """The registry did not answer, or answered with an error of its own (5xx, 429)."""
 
 
-class Unreachable(PassthroughError):
-    status, code = 502, "registry_unreachable"
-
-
-class InvalidContent(PassthroughError):
+class InvalidContent(PassthroughError, status=502, code="invalid_content"):
     """The registry sent something that does not verify or that we cannot turn into an archive."""
 
-    status, code = 502, "invalid_content"
+
+class Unsupported(PassthroughError, status=502, code="unsupported"):
+    """Content this tool does not turn into archives (schema1 manifests, zstd layers)."""
 
 
-class Unsupported(PassthroughError):
-    status, code = 502, "unsupported"
+class TimedOut(PassthroughError, status=504, code="timeout"):
+    """The registry or the preparation took too long, or the worker preparing the image died."""
 
 
-class TimedOut(PassthroughError):
-    status, code = 504, "timeout"
+class Unavailable(PassthroughError, status=503, code="unavailable"):
+    """A part of this service is missing: Redis, CREDENTIALS_KEY, a volume shared with the workers."""
 
 
-class Unavailable(PassthroughError):
-    status, code = 503, "unavailable"
+class PreparationFailed(PassthroughError, status=502, code="preparation_failed"):
+    """A preparation that ended without saying why in our terms (an unexpected exception, a killed job)."""
+
+
+def failure_of(exc: BaseException) -> PassthroughError:
+    """What a user is told about a preparation that raised `exc`."""
+    if isinstance(exc, PassthroughError):
+        return exc
+    return PreparationFailed(f"preparing the image failed: {type(exc).__name__}: {exc}")

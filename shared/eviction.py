@@ -8,14 +8,16 @@ Any number of API and worker processes on any hosts may evict at once: each remo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import AsyncIterator, Iterable, Iterator
 
+from docker_http_passthrough.shared.digests import digest_hex
 from docker_http_passthrough.shared.metrics import EVICTIONS
 from docker_http_passthrough.shared.store import Store
 
@@ -23,10 +25,6 @@ log = logging.getLogger("docker_http_passthrough.eviction")
 
 LEASE_TTL = 300.0
 LEASE_REFRESH = 60.0
-
-
-def _hex(diff_id: str) -> str:
-    return diff_id.removeprefix("sha256:")
 
 
 def _touch(path: Path, when: float | None = None) -> None:
@@ -40,7 +38,7 @@ def _touch(path: Path, when: float | None = None) -> None:
 
 def record_use(store: Store, diff_ids: Iterable[str]) -> None:
     for diff_id in diff_ids:
-        _touch(store.root / "used" / _hex(diff_id))
+        _touch(store.root / "used" / digest_hex(diff_id))
 
 
 class Leases:
@@ -48,7 +46,7 @@ class Leases:
 
     def __init__(self, store: Store, diff_ids: Iterable[str]):
         token = secrets.token_hex(8)
-        self.paths = [store.root / "leases" / f"{_hex(d)}.{token}" for d in set(diff_ids)]
+        self.paths = [store.root / "leases" / f"{digest_hex(d)}.{token}" for d in set(diff_ids)]
         self.refreshed = 0.0
 
     def refresh(self, force: bool = False) -> None:
@@ -62,6 +60,12 @@ class Leases:
         for path in self.paths:
             path.unlink(missing_ok=True)
 
+    async def keep_fresh(self) -> None:
+        """Refresh until cancelled, however long the holder waits (on a registry, on a stalled client)."""
+        while True:
+            await asyncio.sleep(LEASE_REFRESH)
+            self.refresh(force=True)
+
 
 @contextmanager
 def leased(store: Store, diff_ids: Iterable[str]) -> Iterator[Leases]:
@@ -71,6 +75,17 @@ def leased(store: Store, diff_ids: Iterable[str]) -> Iterator[Leases]:
         yield leases
     finally:
         leases.release()
+
+
+@asynccontextmanager
+async def held_leases(store: Store, diff_ids: Iterable[str]) -> AsyncIterator[Leases]:
+    """Leases for async holders, kept fresh by a task of their own for as long as they are held."""
+    with leased(store, diff_ids) as leases:
+        keeper = asyncio.create_task(leases.keep_fresh())
+        try:
+            yield leases
+        finally:
+            keeper.cancel()
 
 
 def _leased_layers(store: Store) -> set[str]:

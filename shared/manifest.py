@@ -1,4 +1,5 @@
-"""Manifest media types and parsing: Docker schema2 and OCI manifests, manifest lists and indexes."""
+"""Manifest media types and parsing: Docker schema2 and OCI manifests, manifest lists and indexes, and the
+layer list of an image config."""
 
 from __future__ import annotations
 
@@ -90,6 +91,16 @@ def parse_image_manifest(data: bytes) -> ImageManifest:
             raise Unsupported(f"layer {layer.digest} has media type {layer.media_type!r}; "
                               "only gzip and uncompressed tar layers are supported")
     return ImageManifest(config=_descriptor(doc.get("config")), layers=layers)
+
+
+def diff_ids_of(config: bytes) -> list[str]:
+    """The layers' diff_ids an image config lists (`rootfs.diff_ids`), bottom to top."""
+    try:
+        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+        assert isinstance(diff_ids, list) and all(isinstance(d, str) for d in diff_ids)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise InvalidContent("the image config has no rootfs.diff_ids list") from None
+    return diff_ids
 
 
 def select_platform(index: bytes, platform: str) -> Descriptor:

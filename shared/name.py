@@ -72,17 +72,8 @@ def _check_default_namespace(namespace: str) -> None:
         raise ValueError(f'default namespace "{namespace}" is too long')
 
 
-def parse_filename(
-    filename: str, *, docker_hub: bool, default_namespace: str | None = None
-) -> ImageName:
-    """Turn a download filename such as ``nginx_latest.tar`` into an ImageName.
-
-    Raises FilenameError (with a stable ``.rule``) if the filename breaks a
-    rule, and a plain ValueError if ``default_namespace`` itself is invalid.
-    """
-    if default_namespace:
-        _check_default_namespace(default_namespace)
-
+def _path_and_tag(filename: str) -> tuple[str, str]:
+    """The image path and the tag of a download filename, each checked on its own."""
     if "/" in filename:
         raise FilenameError("slash", f'filename must not contain "/": "{filename}"')
     if not filename.endswith(EXTENSION):
@@ -107,6 +98,21 @@ def parse_filename(
             f'tag "{tag}" is not valid: it must start with a letter or digit '
             'and contain only letters, digits, ".", "-"',
         )
+    return path, tag
+
+
+def parse_filename(
+    filename: str, *, docker_hub: bool, default_namespace: str | None = None
+) -> ImageName:
+    """Turn a download filename such as ``nginx_latest.tar`` into an ImageName.
+
+    Raises FilenameError (with a stable ``.rule``) if the filename breaks a
+    rule, and a plain ValueError if ``default_namespace`` itself is invalid.
+    """
+    if default_namespace:
+        _check_default_namespace(default_namespace)
+
+    path, tag = _path_and_tag(filename)
 
     if "__" in path:
         components = path.split("__")

@@ -1,19 +1,15 @@
-"""Registry V2 client: which registry, with which credentials, and the manifest and blob requests.
+"""Registry V2 client: the manifest and blob requests to one registry, for one repository.
 
 Auth follows the registry's own challenge: a 401 carrying `WWW-Authenticate: Bearer realm=…` leads to a
 pull-scoped token fetched from the realm (with Basic credentials when we have some), `Basic realm=…` leads to
-direct Basic. Tokens are cached in memory per (realm, service, scope, identity) until shortly before expiry.
+direct Basic. What registries said about auth is kept in the process's `AuthCache` (see `registry_auth`),
+reached through `Registries`, which the API app and each worker process own.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import ipaddress
-import re
-import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import AsyncIterator
 from urllib.parse import quote, urlsplit
 
@@ -21,6 +17,7 @@ import httpx
 from opentelemetry.trace import SpanKind
 
 from docker_http_passthrough.shared import manifest as mf
+from docker_http_passthrough.shared.digests import PREFIX, digest_of, sha256_digest
 from docker_http_passthrough.shared.errors import (
     BadRequest,
     Forbidden,
@@ -32,144 +29,34 @@ from docker_http_passthrough.shared.errors import (
     Unreachable,
 )
 from docker_http_passthrough.shared.metrics import UPSTREAM
-from docker_http_passthrough.shared.name import DOCKER_HUB_HOSTS
-from docker_http_passthrough.shared.settings import DOCKER_HUB_API, Settings
+from docker_http_passthrough.shared.registry_auth import AuthCache, Challenge, TokenKey, parse_challenge
+from docker_http_passthrough.shared.settings import Settings
+from docker_http_passthrough.shared.targets import Credentials, RegistryTarget
 from docker_http_passthrough.shared.telemetry import tracer
 
-DOCKER_HUB_TOKEN_URL = "https://auth.docker.io/token"
-DOCKER_HUB_SERVICE = "registry.docker.io"
-_HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
-                      r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
-# Refresh a cached token this long before the registry says it expires.
-_TOKEN_MARGIN = 10.0
 
+class Registries:
+    """One process's way to registries: an HTTP connection pool, and what registries told it about auth."""
 
-@dataclass(frozen=True)
-class Credentials:
-    username: str
-    password: str = field(repr=False)
+    def __init__(self, http: httpx.AsyncClient, auth: AuthCache | None = None):
+        self.http = http
+        self.auth = AuthCache() if auth is None else auth
 
-    @property
-    def identity(self) -> str:
-        """A stable, non-reversible key for caches: never the password itself."""
-        return hashlib.sha256(f"{self.username}\0{self.password}".encode()).hexdigest()
+    async def __aenter__(self) -> "Registries":
+        await self.http.__aenter__()
+        return self
 
-    def basic_header(self) -> str:
-        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
-
-
-@dataclass(frozen=True)
-class RegistryTarget:
-    """One registry: where its API is, what it is called in image names, and how it hands out tokens."""
-
-    api_url: str  # scheme://host[:port], no trailing slash
-    name: str  # host[:port] as users write it; "docker.io" for Docker Hub
-    token_url: str | None = None  # known token endpoint; None = learn it from the challenge
-    service: str | None = None
-    basic_only: bool = False  # REGISTRY_AUTH_URL explicitly empty: never look for a token endpoint
-
-    @property
-    def is_docker_hub(self) -> bool:
-        return self.name in DOCKER_HUB_HOSTS
-
-    @property
-    def repo_tag_host(self) -> str | None:
-        """Registry part of the RepoTags entry; None gives Docker Hub's short form."""
-        return None if self.is_docker_hub else self.name
-
-    def to_dict(self) -> dict:
-        return {"api_url": self.api_url, "name": self.name, "token_url": self.token_url,
-                "service": self.service, "basic_only": self.basic_only}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "RegistryTarget":
-        return cls(**data)
-
-
-def docker_hub_target() -> RegistryTarget:
-    return RegistryTarget(DOCKER_HUB_API, "docker.io", DOCKER_HUB_TOKEN_URL, DOCKER_HUB_SERVICE)
-
-
-def _valid_host(host: str) -> bool:
-    if not _HOST_RE.match(host):
-        return False
-    if host.startswith("["):
-        address, _, rest = host[1:].partition("]")
-        try:
-            ipaddress.IPv6Address(address)
-        except ValueError:
-            return False
-        port = rest[1:] if rest else None
-    else:
-        port = host.rpartition(":")[2] if ":" in host else None
-    return port is None or (port.isdigit() and 0 < int(port) < 65536)
-
-
-def target_from_url(scheme: str, host: str) -> RegistryTarget:
-    """The registry named in a request path (`/registry/{scheme}/{host}/…`); host may carry a port."""
-    if scheme not in ("http", "https"):
-        raise ValueError(f'registry scheme must be "http" or "https", not "{scheme}"')
-    if not _valid_host(host):
-        raise ValueError(f'"{host}" is not a registry host (expected host or host:port, port 1-65535)')
-    if host.lower() in DOCKER_HUB_HOSTS:
-        return docker_hub_target()
-    return RegistryTarget(f"{scheme}://{host.lower()}", host.lower())
-
-
-def target_from_settings(settings: Settings) -> RegistryTarget:
-    parts = urlsplit(settings.registry_url)
-    host = parts.netloc.lower()
-    if host in DOCKER_HUB_HOSTS:
-        base = docker_hub_target()
-        name = base.name
-    else:
-        base = RegistryTarget(f"{parts.scheme}://{host}", host)
-        name = settings.registry_name or host
-    return RegistryTarget(
-        api_url=base.api_url if host in DOCKER_HUB_HOSTS else settings.registry_url,
-        name=name,
-        token_url=settings.registry_auth_url or base.token_url,
-        service=settings.registry_service or base.service,
-        basic_only=settings.registry_auth_url == "",
-    )
-
-
-def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """`Bearer realm="…",service="…"` → ("bearer", {realm, service, …})."""
-    scheme, _, rest = header.strip().partition(" ")
-    params = {k.lower(): v for k, v in re.findall(r'(\w+)="([^"]*)"', rest)}
-    return scheme.lower(), params
-
-
-@dataclass
-class _Token:
-    value: str
-    expires: float
-
-
-# Per process, in memory only: tokens by (realm, service, scope, identity); challenges by registry API URL.
-_token_cache: dict[tuple[str, str, str, str], _Token] = {}
-_known_challenges: dict[str, tuple[str, dict[str, str]]] = {}
-# Clients name registries and credentials, so the caches are bounded: expired tokens go first, then the oldest.
-_CACHE_LIMIT = 10_000
-
-
-def _remember(cache: dict, key: object, value: object) -> None:
-    if key not in cache and len(cache) >= _CACHE_LIMIT:
-        now = time.time()
-        for stale in [k for k, v in cache.items() if isinstance(v, _Token) and v.expires <= now]:
-            del cache[stale]
-        while len(cache) >= _CACHE_LIMIT:
-            del cache[next(iter(cache))]
-    cache[key] = value
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.http.__aexit__(*exc_info)
 
 
 class RegistryClient:
     """Requests to one registry for one repository, with one set of credentials."""
 
-    def __init__(self, http: httpx.AsyncClient, target: RegistryTarget, repository: str,
+    def __init__(self, registries: Registries, target: RegistryTarget, repository: str,
                  credentials: Credentials | None = None, bearer_token: str | None = None):
-        self.http = http
+        self.http = registries.http
+        self.auth = registries.auth
         self.target = target
         self.repository = repository
         self.credentials = credentials
@@ -182,24 +69,24 @@ class RegistryClient:
         # Reuse what earlier requests learned, so a warm request costs one round trip.
         scheme, params = self._known_challenge()
         if scheme == "bearer":
-            cached = _token_cache.get(self._token_key(params))
-            if cached and cached.expires > time.time():
-                self._authorization = f"Bearer {cached.value}"
+            cached = self.auth.token(self._token_key(params))
+            if cached:
+                self._authorization = f"Bearer {cached}"
         elif scheme == "basic" and credentials:
             self._authorization = credentials.basic_header()
 
-    def _known_challenge(self) -> tuple[str, dict[str, str]]:
+    def _known_challenge(self) -> Challenge:
         if self.target.basic_only:
             return "basic", {}
         if self.target.token_url:
             return "bearer", {"realm": self.target.token_url, "service": self.target.service or ""}
-        return _known_challenges.get(self.target.api_url, ("", {}))
+        return self.auth.challenge(self.target.api_url)
 
     @property
     def scope(self) -> str:
         return f"repository:{self.repository}:pull"
 
-    def _token_key(self, params: dict[str, str]) -> tuple[str, str, str, str]:
+    def _token_key(self, params: dict[str, str]) -> TokenKey:
         realm = self.target.token_url or params.get("realm", "")
         service = self.target.service or params.get("service", "")
         return (realm, service, self.scope, self.credentials.identity if self.credentials else "")
@@ -210,9 +97,9 @@ class RegistryClient:
             raise Unreachable("the registry asked for a bearer token but named no token endpoint")
         service = self.target.service or params.get("service", "")
         key = self._token_key(params)
-        cached = _token_cache.get(key)
-        if cached and cached.expires > time.time() and f"Bearer {cached.value}" != self._authorization:
-            return cached.value
+        cached = self.auth.token(key)
+        if cached and f"Bearer {cached}" != self._authorization:
+            return cached
         query = {"scope": self.scope}
         if service:
             query["service"] = service
@@ -248,7 +135,7 @@ class RegistryClient:
             raise Unreachable("the registry's token endpoint sent an answer that is not JSON") from None
         if not token:
             raise Unreachable("the registry's token endpoint sent no token")
-        _remember(_token_cache, key, _Token(token, time.time() + max(expires_in - _TOKEN_MARGIN, 1.0)))
+        self.auth.remember_token(key, token, expires_in)
         return token
 
     async def _authorize(self, response: httpx.Response) -> bool:
@@ -259,7 +146,7 @@ class RegistryClient:
         if scheme not in ("bearer", "basic") and self.target.token_url and not self.target.basic_only:
             scheme, params = "bearer", {}  # no usable challenge, but we were told where tokens come from
         if scheme in ("bearer", "basic"):
-            _remember(_known_challenges, self.target.api_url, (scheme, params))
+            self.auth.remember_challenge(self.target.api_url, (scheme, params))
         if scheme == "bearer" and not self.target.basic_only:
             if self._fresh_token:
                 return False  # a token fetched just now was refused: another one will be too
@@ -346,7 +233,7 @@ class RegistryClient:
 
     async def head_manifest(self, reference: str) -> mf.Descriptor:
         """Resolve a tag or digest without counting as a pull (Docker Hub counts GETs only)."""
-        what = f"{self.repository}:{reference}" if not reference.startswith("sha256:") else f"{self.repository}@{reference}"
+        what = f"{self.repository}:{reference}" if not reference.startswith(PREFIX) else f"{self.repository}@{reference}"
         response = await self._send("HEAD", "manifests", reference, {"Accept": mf.ACCEPT}, False, "manifest_head")
         self._check(response, what)
         media_type = response.headers.get("content-type", "").split(";")[0].strip()
@@ -354,7 +241,7 @@ class RegistryClient:
         if not digest:
             # Some registries omit the digest on HEAD; a GET tells it for sure.
             data, media_type = await self.get_manifest(reference)
-            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            digest = sha256_digest(data)
             return mf.Descriptor(media_type, digest, len(data))
         mf.check_supported(media_type)
         return mf.Descriptor(media_type, digest, int(response.headers.get("content-length") or 0))
@@ -364,7 +251,7 @@ class RegistryClient:
         response = await self._send("GET", "manifests", reference, {"Accept": mf.ACCEPT}, False, "manifest_get")
         self._check(response, f"manifest {self.repository}@{reference}")
         data = response.content
-        if reference.startswith("sha256:") and "sha256:" + hashlib.sha256(data).hexdigest() != reference:
+        if reference.startswith(PREFIX) and sha256_digest(data) != reference:
             raise InvalidContent(f"manifest {reference} from {self.target.name} does not match its digest")
         media_type = mf.media_type_of(data, response.headers.get("content-type", "").split(";")[0].strip())
         mf.check_supported(media_type)
@@ -404,7 +291,7 @@ class RegistryClient:
                     raise InvalidContent(f"blob {digest} is larger than {limit} bytes")
                 hasher.update(chunk)
                 chunks.append(chunk)
-        if "sha256:" + hasher.hexdigest() != digest:
+        if digest_of(hasher) != digest:
             raise InvalidContent(f"blob {digest} from {self.target.name} does not match its digest")
         return b"".join(chunks)
 

@@ -124,6 +124,7 @@ def _http_url(name: str, value: str) -> str:
     return value.rstrip("/")
 
 
+# Over 60 lines: one reading of every variable, in one place, is easier to check than pieces of it.
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     registry_url = _http_url("REGISTRY_URL", env.get("REGISTRY_URL") or DOCKER_HUB_API)

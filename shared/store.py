@@ -18,7 +18,6 @@ exists is never overwritten (another host may be reading it), and its content is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from docker_http_passthrough.shared.archive import LayerFile
+from docker_http_passthrough.shared.digests import digest_hex, name_hash, sha256_digest
 
 TEMP_MARK = ".partial-"
 _DIRS = ("blobs/sha256", "layers/sha256", "images", "links", "seen", "tags", "used", "leases")
@@ -59,13 +59,6 @@ class ImageRecord:
         return cls(**raw)
 
 
-def _hex(digest: str) -> str:
-    algorithm, _, value = digest.partition(":")
-    if algorithm != "sha256" or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-        raise ValueError(f"unsupported digest {digest!r}")
-    return value
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -82,10 +75,10 @@ class Store:
 
     # --- paths
     def blob_path(self, digest: str) -> Path:
-        return self.root / "blobs" / "sha256" / _hex(digest)
+        return self.root / "blobs" / "sha256" / digest_hex(digest)
 
     def layer_path(self, diff_id: str) -> Path:
-        return self.root / "layers" / "sha256" / f"{_hex(diff_id)}.tar"
+        return self.root / "layers" / "sha256" / f"{digest_hex(diff_id)}.tar"
 
     def image_path(self, key: str) -> Path:
         return self.root / "images" / f"{key}.json"
@@ -109,7 +102,7 @@ class Store:
             temp.unlink(missing_ok=True)
 
     def put_blob(self, digest: str, data: bytes) -> None:
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        if sha256_digest(data) != digest:
             raise ValueError(f"content does not match {digest}")
         path = self.blob_path(digest)
         if not path.exists():
@@ -124,13 +117,13 @@ class Store:
     def link_layer(self, blob_digest: str, diff_id: str, blob_size: int, blob_tail: bytes) -> None:
         """Record that `blob_digest` was downloaded and verified to unpack to `diff_id`, with the blob's last
         bytes: asking another registry for them later proves it really holds the blob."""
-        _hex(diff_id)
+        digest_hex(diff_id)
         link = {"diff_id": diff_id, "size": blob_size, "tail": blob_tail.hex()}
-        self._small_file(self.root / "links" / _hex(blob_digest), json.dumps(link, sort_keys=True))
+        self._small_file(self.root / "links" / digest_hex(blob_digest), json.dumps(link, sort_keys=True))
 
     def layer_link(self, blob_digest: str) -> dict | None:
         try:
-            return json.loads((self.root / "links" / _hex(blob_digest)).read_text())
+            return json.loads((self.root / "links" / digest_hex(blob_digest)).read_text())
         except FileNotFoundError:
             return None
 
@@ -139,7 +132,7 @@ class Store:
         return link["diff_id"] if link else None
 
     def _seen_path(self, registry: str, repository: str, digest: str) -> Path:
-        return self.root / "seen" / hashlib.sha256(f"{registry}\n{repository}\n{digest}".encode()).hexdigest()
+        return self.root / "seen" / name_hash(registry, repository, digest)
 
     def mark_seen(self, registry: str, repository: str, digest: str) -> None:
         self._small_file(self._seen_path(registry, repository, digest), digest)
@@ -148,7 +141,7 @@ class Store:
         return self._seen_path(registry, repository, digest).exists()
 
     def _tag_path(self, registry: str, repository: str, tag: str, platform: str) -> Path:
-        return self.root / "tags" / hashlib.sha256(f"{registry}\n{repository}\n{tag}\n{platform}".encode()).hexdigest()
+        return self.root / "tags" / name_hash(registry, repository, tag, platform)
 
     def remember_tag(self, registry: str, repository: str, tag: str, platform: str, digest: str) -> None:
         path = self._tag_path(registry, repository, tag, platform)

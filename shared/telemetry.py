@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Mapping
 
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, Span, Status, StatusCode
+from opentelemetry.trace import Link
 
 TRACER_NAME = "docker_http_passthrough"
 DEFAULT_SERVICE_NAME = "docker-http-passthrough"
@@ -75,12 +75,6 @@ def link_to(carrier: Mapping[str, str] | None) -> list[Link]:
     """A link to the span whose context is in `carrier` (the request that started a shared job)."""
     context = trace.get_current_span(extract_context(carrier)).get_span_context()
     return [Link(context)] if context.is_valid else []
-
-
-def record_error(span: Span, exc: BaseException) -> None:
-    code = getattr(exc, "code", None)
-    span.set_attribute("error.type", code or type(exc).__name__)
-    span.set_status(Status(StatusCode.ERROR, getattr(exc, "message", None) or type(exc).__name__))
 
 
 def current_trace_id() -> str | None:

@@ -23,15 +23,3 @@ def _fresh_session_registry_proxy(request):
 def anyio_backend() -> str:
     """Async tests (@pytest.mark.anyio) run on asyncio, like the server."""
     return "asyncio"
-
-
-@pytest.fixture
-def fresh_registry_caches():
-    """The registry client's per-process token and challenge caches, empty before and after a test."""
-    from docker_http_passthrough.shared import registry
-
-    registry._token_cache.clear()
-    registry._known_challenges.clear()
-    yield
-    registry._token_cache.clear()
-    registry._known_challenges.clear()

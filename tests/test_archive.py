@@ -11,15 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from docker_http_passthrough.shared.archive import (
-    MAX_MEMBER_SIZE,
-    ArchivePlan,
-    ArchiveSourceError,
-    LayerFile,
-    iter_archive,
-    plan_archive,
-    write_archive,
-)
+from docker_http_passthrough.shared.archive import MAX_MEMBER_SIZE, ArchivePlan, LayerFile, plan_archive
+from docker_http_passthrough.shared.archive_reader import ArchiveReader, ArchiveSourceError, write_archive
 from tests.support.images import sha
 from tests.support.testdata import DOCKER_SAVE, DOCKER_SAVE_TAG
 
@@ -165,65 +158,65 @@ def test_same_image_gives_the_same_bytes_and_another_tag_other_bytes(image: tupl
     assert _render(plan_archive(config, digest, layers, "app:v2")) != first
 
 
-async def _collect(
-    plan: ArchivePlan, start: int = 0, end: int | None = None, chunk: int = 1 << 20
-) -> list[bytes]:
-    return [c async for c in iter_archive(plan, start, end, chunk_size=chunk)]
+def _reference(plan: ArchivePlan) -> bytes:
+    """The archive assembled from its plan by hand, without the reader: what every read must match."""
+    return b"".join(seg.data if seg.data is not None else Path(seg.path).read_bytes() for seg in plan.segments)
+
+
+async def _collect(plan: ArchivePlan, start: int = 0, end: int | None = None, piece: int = 1 << 20) -> bytes:
+    """[start, end) read in pieces of `piece` bytes, as a response would."""
+    end = plan.size if end is None else end
+    with ArchiveReader(plan) as reader:
+        return b"".join([bytes(await reader.read(p, min(p + piece, end))) for p in range(start, end, piece)])
+
+
+def test_written_archive_is_the_plan_byte_for_byte(image: tuple[bytes, str, list[LayerFile]]) -> None:
+    config, digest, layers = image
+    plan = plan_archive(config, digest, layers, REPO_TAG)
+    assert _render(plan) == _reference(plan)
 
 
 @pytest.mark.anyio
-async def test_streamed_archive_equals_the_written_one_at_any_chunk_size(
+@pytest.mark.parametrize("nowait", [True, False], ids=["page-cache", "thread"])
+async def test_every_byte_range_is_that_slice_of_the_archive(image: tuple[bytes, str, list[LayerFile]], nowait: bool,
+                                                             monkeypatch) -> None:
+    """Every [start, end) between interesting offsets — each segment boundary and its neighbours, the archive's
+    ends, block edges, the middle of layer data — reads exactly the reference bytes, on both read paths."""
+    monkeypatch.setattr(ArchiveReader, "nowait_supported", nowait and ArchiveReader.nowait_supported)
+    config, digest, layers = image
+    plan = plan_archive(config, digest, layers, REPO_TAG)
+    full = _reference(plan)
+    size = plan.size
+    offsets = {0, 1, 100, 511, 512, 513, size - 1024, size - 700, size - 1, size}
+    for seg in plan.segments:
+        for edge in (seg.offset, seg.offset + seg.length):
+            offsets |= {edge - 1, edge, edge + 1}
+        if seg.path is not None:
+            offsets.add(seg.offset + seg.length // 2)  # inside layer data
+    offsets = sorted(k for k in offsets if 0 <= k <= size)
+    with ArchiveReader(plan) as reader:
+        for i, start in enumerate(offsets):
+            for end in offsets[i:]:
+                assert bytes(await reader.read(start, end)) == full[start:end], (start, end)
+        assert len(reader.fds) == 2, "each layer file opened once per reader, however often it is read"
+        with pytest.raises(ValueError):
+            await reader.read(10, 5)
+        with pytest.raises(ValueError):
+            await reader.read(0, size + 1)
+
+
+@pytest.mark.anyio
+async def test_streamed_archive_equals_the_written_one_at_any_piece_size(
     image: tuple[bytes, str, list[LayerFile]],
 ) -> None:
     config, digest, layers = image
     plan = plan_archive(config, digest, layers, REPO_TAG)
     full = _render(plan)
-    for chunk in (1 << 20, 65536, 1000, 512):
-        chunks = await _collect(plan, chunk=chunk)
-        assert b"".join(chunks) == full
-        assert all(len(c) == chunk for c in chunks[:-1])
-        assert 0 < len(chunks[-1]) <= chunk
-    # Odd tiny chunks across a header -> file data -> padding/header stretch.
+    for piece in (1 << 20, 65536, 4097):  # pieces that cut headers, file data and padding anywhere
+        assert await _collect(plan, piece=piece) == full
     seg = next(s for s in plan.segments if s.path is not None)
-    start, end = seg.offset - 600, seg.offset + seg.length + 600
-    chunks = await _collect(plan, start, end, chunk=7)
-    assert b"".join(chunks) == full[start:end]
-    assert all(len(c) == 7 for c in chunks[:-1])
-
-
-@pytest.mark.anyio
-async def test_every_byte_range_is_that_slice_of_the_archive(image: tuple[bytes, str, list[LayerFile]]) -> None:
-    config, digest, layers = image
-    plan = plan_archive(config, digest, layers, REPO_TAG)
-    full = _render(plan)
-    size = plan.size
-    boundaries = [s.offset for s in plan.segments]
-    file_seg = next(s for s in plan.segments if s.path is not None)
-    ks = {0, size, 1, 100, 511, 512, 513, size - 1, size - 1024, size - 700}
-    ks |= (
-        set(boundaries) | {b - 1 for b in boundaries if b} | {b + 1 for b in boundaries}
-    )
-    ks.add(file_seg.offset + file_seg.length // 2)  # inside layer data
-    ks = {k for k in ks if 0 <= k <= size}
-    for k in sorted(ks):
-        head = b"".join(await _collect(plan, 0, k, chunk=4096))
-        tail = b"".join(await _collect(plan, k, chunk=4096))
-        assert head == full[:k]
-        assert tail == full[k:]
-    # end < size, ranges that start and stop mid-file / mid-header
-    for start, end in [
-        (5, 9),
-        (file_seg.offset - 3, file_seg.offset + 70_000),
-        (size - 10, size - 1),
-        (7, 7),
-    ]:
-        chunks = await _collect(plan, start, end, chunk=65536)
-        assert b"".join(chunks) == full[start:end]
-        assert all(len(c) == 65536 for c in chunks[:-1])
-    with pytest.raises(ValueError):
-        await _collect(plan, 10, 5)
-    with pytest.raises(ValueError):
-        await _collect(plan, 0, size + 1)
+    for start, end in ((seg.offset - 600, seg.offset + 600), (seg.offset + seg.length - 600, seg.offset + seg.length + 600)):
+        assert await _collect(plan, start, end, piece=7) == full[start:end]
 
 
 @pytest.mark.anyio
@@ -243,7 +236,7 @@ async def test_damaged_layer_file_stops_the_stream_but_ranges_before_it_work(
     first_file = next(s for s in plan.segments if s.path is not None)
     assert first_file.path == layers[0].path
     end = first_file.offset + first_file.length
-    assert b"".join(await _collect(plan, 0, end)) == intact[:end]
+    assert await _collect(plan, 0, end) == intact[:end]
 
 
 @pytest.mark.anyio
@@ -254,12 +247,11 @@ async def test_layer_truncated_while_streaming_stops_the_stream(
     config, digest, layers = image
     plan = plan_archive(config, digest, layers, REPO_TAG)
     seg = next(s for s in plan.segments if s.path == layers[1].path)
-    gen = iter_archive(plan, seg.offset, chunk_size=4096)
-    got = [await gen.__anext__()]  # file is open now
-    os.truncate(seg.path, 8192)
-    with pytest.raises(ArchiveSourceError):
-        async for chunk in gen:
-            got.append(chunk)
+    with ArchiveReader(plan) as reader:
+        await reader.read(seg.offset, seg.offset + 4096)  # file is open now
+        os.truncate(seg.path, 8192)
+        with pytest.raises(ArchiveSourceError):
+            await reader.read(seg.offset + 4096, seg.offset + seg.length)
 
 
 def test_plan_refuses_a_config_layers_or_tag_that_do_not_match(image: tuple[bytes, str, list[LayerFile]]) -> None:

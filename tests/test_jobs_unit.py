@@ -9,7 +9,7 @@ import pytest
 
 from docker_http_passthrough.api.client_auth import choose_upstream_auth
 from docker_http_passthrough.shared.jobs import CREDENTIAL_SOURCES, JobSpec, seal_credentials, unseal_credentials
-from docker_http_passthrough.shared.registry import Credentials, RegistryTarget, target_from_settings, target_from_url
+from docker_http_passthrough.shared.targets import Credentials, RegistryTarget, target_from_settings, target_from_url
 from docker_http_passthrough.shared.settings import load_settings
 
 PASSWORD = "Sw1tch-P4ssw0rd-do-not-leak"

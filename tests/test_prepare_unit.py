@@ -1,4 +1,4 @@
-"""Unit tests for shared.prepare: layer inflation and verification, reuse rules, and download de-duplication.
+"""Unit tests for shared.prepare and the modules it puts together (layer_sink, layer_download, possession): layer inflation and verification, reuse rules, and download de-duplication.
 
 The registry is an in-memory fake behind httpx.MockTransport (any host name serves the same content unless told
 otherwise) that counts requests by (host, method, digest); the store is a tmp directory.
@@ -15,16 +15,19 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import pytest
 
-import docker_http_passthrough.shared.prepare as prepare
+from docker_http_passthrough.shared import layer_download, layer_sink
 from docker_http_passthrough.shared import manifest as mf
 from docker_http_passthrough.shared.errors import InvalidContent, NotFound
+from docker_http_passthrough.shared.jobs import image_key
+from docker_http_passthrough.shared.layer_download import fetch_layer
+from docker_http_passthrough.shared.layer_sink import LayerSink
 from docker_http_passthrough.shared.locks import LocalLocks
-from docker_http_passthrough.shared.prepare import _LayerSink, fetch_layer, image_key, prepare_image
-from docker_http_passthrough.shared.registry import RegistryClient, RegistryTarget
+from docker_http_passthrough.shared.prepare import prepare_image
+from docker_http_passthrough.shared.registry import Registries, RegistryClient
 from docker_http_passthrough.shared.store import TEMP_MARK, Store
+from docker_http_passthrough.shared.targets import RegistryTarget
 from tests.support.fake_registry import REPO, FakeRegistry
 from tests.support.images import sha
 from tests.support.testdata import MULTI_MEMBER_DIFF_ID, MULTI_MEMBER_LAYER
@@ -32,7 +35,6 @@ from tests.support.testdata import MULTI_MEMBER_DIFF_ID, MULTI_MEMBER_LAYER
 GZIP_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_GZIP_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 PLAIN_TYPE = "application/vnd.oci.image.layer.v1.tar"
-pytestmark = pytest.mark.usefixtures("fresh_registry_caches")
 
 
 @pytest.fixture
@@ -103,18 +105,18 @@ def serving(*images: Image, chunk: int = 4096, blob_delay: float = 0.0) -> FakeR
     return fake
 
 
-def client(http: httpx.AsyncClient, host: str = "reg.example") -> RegistryClient:
+def client(http: Registries, host: str = "reg.example") -> RegistryClient:
     return RegistryClient(http, RegistryTarget(f"https://{host}", host), REPO)
 
 
-# --- _LayerSink
+# --- LayerSink
 
 
-def run_sink(blob: bytes, cuts: list[int] = ()) -> tuple[bytes, str | None, _LayerSink]:
+def run_sink(blob: bytes, cuts: list[int] = ()) -> tuple[bytes, str | None, LayerSink]:
     """Feed `blob` split at `cuts`, then finish. Returns (tar bytes, refusal, sink): the refusal however the sink
     reports it, raised (InvalidContent) or remembered for fetch_layer (`gzip_error`)."""
     out = io.BytesIO()
-    sink = _LayerSink(out, gzip=True)
+    sink = LayerSink(out, gzip=True)
     try:
         previous = 0
         for cut in [*cuts, len(blob)]:
@@ -186,7 +188,7 @@ def test_sink_accepts_trailing_zero_padding_wherever_the_feeds_split():
 
 
 def test_sink_bounds_each_inflate_step(monkeypatch):
-    monkeypatch.setattr(prepare, "INFLATE_STEP", 64 << 10)
+    monkeypatch.setattr(layer_sink, "INFLATE_STEP", 64 << 10)
     bomb = b"\0" * (3 << 20)
     writes: list[int] = []
 
@@ -194,7 +196,7 @@ def test_sink_bounds_each_inflate_step(monkeypatch):
         def write(self, data: bytes) -> None:
             writes.append(len(data))
 
-    sink = _LayerSink(Out(), gzip=True)
+    sink = LayerSink(Out(), gzip=True)
     sink.feed(gz(bomb) + gz(b"tail"))
     sink.finish()
     assert getattr(sink, "gzip_error", None) is None
@@ -259,7 +261,7 @@ async def test_fetch_layer_stores_bgzips_multi_member_layer_under_its_diff_id(st
 @pytest.mark.anyio
 async def test_fetch_layer_accepts_zero_padding_across_a_feed_boundary(store: Store, monkeypatch):
     """Same as the sink test above, through the real download path: the padding straddles two feeds."""
-    monkeypatch.setattr(prepare, "FEED_SIZE", 64)
+    monkeypatch.setattr(layer_download, "FEED_SIZE", 64)
     member = gz(TAR_A)
     blob = member + b"\0" * 100
     layer = Layer(blob, sha(TAR_A))

@@ -1,19 +1,18 @@
-"""Unit tests for shared.registry's auth: anonymous, Basic and bearer flows, the token cache, refusals. Each test
+"""Unit tests for shared.registry's and shared.registry_auth's auth: anonymous, Basic and bearer flows, the token cache, refusals. Each test
 reads what the client sent from the fake registry's request log (tests/support/fake_registry.py)."""
 
 from __future__ import annotations
 
 import types
 
-import docker_http_passthrough.shared.registry as registry
+import docker_http_passthrough.shared.registry_auth as registry_auth
 import httpx
 import pytest
 from docker_http_passthrough.shared import manifest as mf
 from docker_http_passthrough.shared.errors import Forbidden, Unauthorized
-from docker_http_passthrough.shared.registry import (
-    Credentials,
-    RegistryClient,
-)
+from docker_http_passthrough.shared.registry import RegistryClient
+from docker_http_passthrough.shared.registry_auth import Token
+from docker_http_passthrough.shared.targets import Credentials
 
 from tests.support.fake_registry import (
     ALICE,
@@ -29,7 +28,6 @@ from tests.support.fake_registry import (
 )
 from tests.support.images import sha
 
-pytestmark = pytest.mark.usefixtures("fresh_registry_caches")
 
 
 
@@ -136,7 +134,7 @@ async def test_token_is_not_shared_across_scopes():
 @pytest.mark.anyio
 async def test_expired_token_is_refetched(monkeypatch):
     now = [1_000_000.0]
-    monkeypatch.setattr(registry, "time", types.SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(registry_auth, "time", types.SimpleNamespace(time=lambda: now[0]))
     fake = sample_registry(auth="bearer", expires_in=30)
     async with fake.http() as http:
         await RegistryClient(http, target(), REPO).head_manifest("v1")
@@ -159,14 +157,14 @@ async def test_expired_tokens_do_not_accumulate(monkeypatch):
     """Each distinct (registry, repository, credentials) adds an entry, and a client may name any registry and
     send any credentials: expired entries must go, or memory grows without bound under such a flood."""
     now = [1_000_000.0]
-    monkeypatch.setattr(registry, "time", types.SimpleNamespace(time=lambda: now[0]))
-    for i in range(20_000):
-        registry._token_cache[(REALM, SERVICE, f"repository:flood/r{i}:pull", "")] = registry._Token("t", now[0] - 1)
+    monkeypatch.setattr(registry_auth, "time", types.SimpleNamespace(time=lambda: now[0]))
     fake = sample_registry(auth="bearer")
     async with fake.http() as http:
+        for i in range(20_000):
+            http.auth.tokens[(REALM, SERVICE, f"repository:flood/r{i}:pull", "")] = Token("t", now[0] - 1)
         await RegistryClient(http, target(), REPO).head_manifest("v1")
     assert fake.issued == 1
-    expired = [key for key, token in registry._token_cache.items() if token.expires <= now[0]]
+    expired = [key for key, token in http.auth.tokens.items() if token.expires <= now[0]]
     assert len(expired) == 0, f"{len(expired)} expired tokens still cached"
 
 

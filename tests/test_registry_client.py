@@ -1,4 +1,4 @@
-"""Unit tests for shared.registry: errors, verification, redirects, targets and credentials (auth flows are in
+"""Unit tests for shared.registry and shared.targets: errors, verification, redirects, targets and credentials (auth flows are in
 test_registry_auth.py).
 
 No network: the registry, its token endpoint and a CDN are an in-memory fake behind httpx.MockTransport that
@@ -17,16 +17,16 @@ from docker_http_passthrough.shared.errors import (
     Unreachable,
     Unsupported,
 )
-from docker_http_passthrough.shared.registry import (
+from docker_http_passthrough.shared.registry import Registries, RegistryClient
+from docker_http_passthrough.shared.settings import load_settings
+from docker_http_passthrough.shared.targets import (
     DOCKER_HUB_SERVICE,
     DOCKER_HUB_TOKEN_URL,
     Credentials,
-    RegistryClient,
     RegistryTarget,
     target_from_settings,
     target_from_url,
 )
-from docker_http_passthrough.shared.settings import load_settings
 
 from tests.support.fake_registry import (
     ALICE,
@@ -42,7 +42,6 @@ from tests.support.fake_registry import (
 from tests.support.images import sha
 from tests.support.testdata import SCHEMA1, SCHEMA1_MEDIA_TYPE
 
-pytestmark = pytest.mark.usefixtures("fresh_registry_caches")
 
 
 
@@ -73,7 +72,7 @@ async def test_connection_error_is_unreachable():
     def refuse(request):
         raise httpx.ConnectError("connection refused", request=request)
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as http:
+    async with Registries(httpx.AsyncClient(transport=httpx.MockTransport(refuse))) as http:
         with pytest.raises(Unreachable) as info:
             await RegistryClient(http, target(), REPO).head_manifest("v1")
     assert info.value.status == 502
@@ -85,7 +84,7 @@ async def test_timeout_is_timed_out(exc):
     def slow(request):
         raise exc("too slow", request=request)
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(slow)) as http:
+    async with Registries(httpx.AsyncClient(transport=httpx.MockTransport(slow))) as http:
         with pytest.raises(TimedOut) as info:
             await RegistryClient(http, target(), REPO).get_manifest("v1")
     assert (info.value.status, info.value.code) == (504, "timeout")

@@ -15,7 +15,6 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
-import docker_http_passthrough.shared.registry as registry_module
 from docker_http_passthrough.shared.telemetry import JsonFormatter
 from tests.support.asgi import CLIENT_ADDRESS, app_in_process, embedded_env, thread_worker, wait_for
 from tests.support.downloads import image_url
@@ -304,7 +303,7 @@ def test_request_joining_a_running_preparation_links_to_its_starter(exporter, ti
         preparer = app.state.preparer
         if tier == "embedded":
             return bool(preparer.running)
-        return bool(preparer.sync.keys("rq:job:prepare-*"))
+        return bool(preparer.queue.connection.keys("rq:job:prepare-*"))
 
     async def scenario():
         async with app_in_process(env) as (app, client):
@@ -353,8 +352,7 @@ def test_request_that_starts_a_preparation_does_not_link_to_itself(exporter, tie
 # --------------------------------------------------------------------------- token auth, one span per attempt
 
 
-def test_token_registry_client_spans_per_attempt_and_no_secrets(exporter, token_registry, tmp_path, caplog,
-                                                                fresh_registry_caches):
+def test_token_registry_client_spans_per_attempt_and_no_secrets(exporter, token_registry, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     repo = token_registry.repo("private")
     image = token_registry.registry.push_image(repo, "v1", [make_layer({"secret.txt": b"s3cret layer"})])
@@ -363,11 +361,11 @@ def test_token_registry_client_spans_per_attempt_and_no_secrets(exporter, token_
     basic = "Basic " + base64.b64encode(b"alice:wonderland").decode()
 
     async def scenario():
-        async with app_in_process(embedded_env(tmp_path)) as (_app, client):
+        async with app_in_process(embedded_env(tmp_path)) as (app, client):  # a new app knows no challenge or token
             bare = await client.get(path)
             cold = await client.get(path, auth=ALICE)
             warm = await client.get(path, auth=ALICE)
-            registry_module._token_cache.clear()  # challenge known, token not: fetched before the first request
+            app.state.registries.auth.tokens.clear()  # challenge known, token not: fetched before the first request
             refetch = await client.get(path, headers={"Authorization": basic})
             return bare, cold, warm, refetch
 

@@ -9,13 +9,13 @@ import threading
 
 import redis.asyncio as aioredis
 from opentelemetry import context as otel_context
-from rq import get_current_job
 
-from docker_http_passthrough.shared.errors import PassthroughError
-from docker_http_passthrough.shared.eviction import evict
+from docker_http_passthrough.shared.errors import PassthroughError, failure_of
+from docker_http_passthrough.shared.job_queue import current_job
 from docker_http_passthrough.shared.jobs import (
     CREDENTIAL_SOURCES,
     JobSpec,
+    Progress,
     credentials_key,
     heartbeat_key,
     outcome_key,
@@ -23,16 +23,21 @@ from docker_http_passthrough.shared.jobs import (
     unseal_credentials,
 )
 from docker_http_passthrough.shared.locks import RedisLocks
-from docker_http_passthrough.shared.prepare import Progress, prepare_image
-from docker_http_passthrough.shared.registry import Credentials, RegistryClient, new_http_client
+from docker_http_passthrough.shared.prepare import prepare_image
+from docker_http_passthrough.shared.registry import Registries, RegistryClient, new_http_client
+from docker_http_passthrough.shared.registry_auth import AuthCache
 from docker_http_passthrough.shared.settings import Settings, load_settings
 from docker_http_passthrough.shared.store import Store
+from docker_http_passthrough.shared.targets import Credentials, settings_auth
 from docker_http_passthrough.shared.telemetry import extract_context, flush_tracing, setup_tracing
 
 log = logging.getLogger("docker_http_passthrough.worker")
 
 HEARTBEAT_EVERY = 1.0
 OUTCOME_TTL = 3600
+# This worker process's memory of registry challenges and tokens: jobs run one after another in this process
+# (each on its own event loop and connection pool), and a token fetched by one job serves the next.
+WORKER_AUTH = AuthCache()
 
 
 def _credentials(settings: Settings, spec: JobSpec, sealed: bytes | None) -> tuple[Credentials | None, str | None]:
@@ -43,10 +48,7 @@ def _credentials(settings: Settings, spec: JobSpec, sealed: bytes | None) -> tup
                                    "on the worker", status=503, code="credentials_unavailable")
         return unseal_credentials(sealed, settings.credentials_key), None
     if spec.credential_source == "settings":
-        creds = None
-        if settings.registry_username and settings.registry_password:
-            creds = Credentials(settings.registry_username, settings.registry_password)
-        return creds, settings.registry_bearer_token
+        return settings_auth(settings)
     return None, None
 
 
@@ -55,11 +57,10 @@ async def _prepare(settings: Settings, spec: JobSpec, credentials: Credentials |
     store = Store(settings.cache_dir)
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
-        async with new_http_client(settings) as http:
-            client = RegistryClient(http, spec.registry, spec.repository, credentials, token)
+        async with Registries(new_http_client(settings), WORKER_AUTH) as registries:
+            client = RegistryClient(registries, spec.registry, spec.repository, credentials, token)
             await prepare_image(client, store, spec.manifest_digest, RedisLocks(redis), settings.layer_concurrency,
-                                progress)
-        evict(store, settings.cache_max_bytes)
+                                progress, settings.cache_max_bytes)
     finally:
         await redis.aclose()
 
@@ -79,43 +80,43 @@ def _beat(connection, job_id: str, progress: Progress, stop: threading.Event, tt
         stop.wait(min(HEARTBEAT_EVERY, ttl_ms / 3000))
 
 
+def _report(connection, job_id: str, outcome: dict) -> None:
+    """The job's last act, in one transaction: drop what only a running job has, publish how it went."""
+    pipe = connection.pipeline()
+    pipe.delete(credentials_key(job_id), heartbeat_key(job_id), progress_key(job_id))
+    pipe.set(outcome_key(job_id), json.dumps(outcome), ex=OUTCOME_TTL)
+    pipe.publish(outcome_key(job_id), json.dumps(outcome))
+    pipe.execute()
+
+
 def prepare(target: dict, repository: str, manifest_digest: str, credential_source: str) -> dict:
     if credential_source not in CREDENTIAL_SOURCES:
         raise ValueError(f"unknown credential source {credential_source!r}")
     settings = load_settings()
-    job = get_current_job()
+    job = current_job()
     connection = job.connection
     spec = JobSpec(target, repository, manifest_digest, credential_source)
     stop = threading.Event()
-    beat_ttl = int(settings.worker_lost_timeout * 1000)
     progress = Progress()
-    beat = threading.Thread(target=_beat, args=(connection, job.id, progress, stop, beat_ttl), daemon=True)
+    beat = threading.Thread(target=_beat, daemon=True,
+                            args=(connection, job.id, progress, stop, int(settings.worker_lost_timeout * 1000)))
     beat.start()
     outcome: dict = {"ok": True}
     setup_tracing("worker")
     # The API's trace context rides in the job's meta: our spans continue the request's trace.
     token_ctx = otel_context.attach(extract_context(job.meta.get("trace")))
     try:
-        sealed = connection.get(credentials_key(job.id))
-        credentials, token = _credentials(settings, spec, sealed)
+        credentials, token = _credentials(settings, spec, connection.get(credentials_key(job.id)))
         asyncio.run(_prepare(settings, spec, credentials, token, progress))
         return outcome
-    except PassthroughError as exc:
-        outcome = {"ok": False, **exc.to_dict()}
-        raise
     except Exception as exc:
-        outcome = {"ok": False, "error": "preparation_failed", "status": 502,
-                   "message": f"preparing the image failed: {type(exc).__name__}: {exc}"}
+        outcome = {"ok": False, **failure_of(exc).to_dict()}
         raise
     finally:
         otel_context.detach(token_ctx)
         flush_tracing()  # send this job's spans now: a worker stopped between jobs must not lose them
         stop.set()
         beat.join(timeout=2)
-        pipe = connection.pipeline()
-        pipe.delete(credentials_key(job.id), heartbeat_key(job.id), progress_key(job.id))
-        pipe.set(outcome_key(job.id), json.dumps(outcome), ex=OUTCOME_TTL)
-        pipe.publish(outcome_key(job.id), json.dumps(outcome))
-        pipe.execute()
+        _report(connection, job.id, outcome)
         log.info("prepared %s/%s@%s: %s", spec.registry.name, repository, manifest_digest,
                  "ok" if outcome["ok"] else outcome["message"])

@@ -6,8 +6,8 @@ import logging
 
 from prometheus_client import start_http_server
 from redis import Redis
-from rq import Queue, SimpleWorker
 
+from docker_http_passthrough.shared.job_queue import PreparationQueue
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import Store
 
@@ -30,10 +30,5 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
     swept = Store(settings.cache_dir).sweep_partials()
     if swept:
         log.info("removed %d partial files left by crashed writers", swept)
-    connection = Redis.from_url(settings.redis_url)
-    queue = Queue(settings.queue_name, connection=connection)
-    # Jobs run in this process (no fork per job): they are asyncio I/O with bounded buffers, so nothing needs
-    # a fresh process, and metrics and tracing stay in one registry and one provider. A job past JOB_TIMEOUT is
-    # still stopped (SIGALRM), and a dead worker is noticed by its missing heartbeat.
-    worker = SimpleWorker([queue], connection=connection, name=name)
-    worker.work(burst=burst, with_scheduler=False)
+    queue = PreparationQueue(Redis.from_url(settings.redis_url), settings.queue_name)
+    queue.worker(name).work(burst=burst, with_scheduler=False)

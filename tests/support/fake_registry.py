@@ -26,7 +26,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import httpx
-from docker_http_passthrough.shared.registry import Credentials, RegistryTarget
+from docker_http_passthrough.shared.registry import Registries
+from docker_http_passthrough.shared.targets import Credentials, RegistryTarget
 
 from tests.support.images import DOCKER_CONFIG, DOCKER_MANIFEST, sha
 
@@ -134,8 +135,9 @@ class FakeRegistry:
 
     # --- what was asked
 
-    def http(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.MockTransport(self.handle), follow_redirects=False)
+    def http(self) -> Registries:
+        """What a process owns to reach registries, fresh (nothing learned about auth yet), through this fake."""
+        return Registries(httpx.AsyncClient(transport=httpx.MockTransport(self.handle), follow_redirects=False))
 
     def to(self, host: str) -> list[httpx.Request]:
         return [r for r in self.requests if r.url.host == host]

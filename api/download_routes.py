@@ -1,23 +1,23 @@
 """The download routes: filename → image → prepared archive, streamed with an exact Content-Length.
 
 GET and HEAD answer the archive (Range and If-Range for resuming); POST starts the preparation and answers
-202 with a status URL, for warming the cache before a rollout.
+202 with a status URL, for warming the cache before a rollout; GET /status/{job} tells how a preparation is.
+The bytes go out through `archive_stream`, warm or early-start alike.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
 import time
-from typing import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from docker_http_passthrough.api.archive_headers import archive_headers
+from docker_http_passthrough.api.archive_stream import stream_archive
 from docker_http_passthrough.api.client_auth import CHALLENGE
-from docker_http_passthrough.api.early import plan_before_ready, stream_as_prepared
+from docker_http_passthrough.api.early_stream import EarlyGate, plan_before_ready
 from docker_http_passthrough.api.ranges import UnsatisfiableRange, requested_range
 from docker_http_passthrough.api.resolution import (
     ImageRequest,
@@ -26,18 +26,14 @@ from docker_http_passthrough.api.resolution import (
     parse_image_request,
     resolve,
 )
-from docker_http_passthrough.shared.archive import ArchivePlan, ArchiveReader, plan_archive
+from docker_http_passthrough.shared.archive import ArchivePlan, plan_archive
 from docker_http_passthrough.shared.errors import Forbidden, PassthroughError, Unauthorized
-from docker_http_passthrough.shared.eviction import leased, record_use
-from docker_http_passthrough.shared.jobs import JobSpec
+from docker_http_passthrough.shared.jobs import JobSpec, job_id_for
 from docker_http_passthrough.shared.name import repo_tag
-from docker_http_passthrough.shared.prepare import job_id_for
 from docker_http_passthrough.shared.registry import RegistryClient
-from docker_http_passthrough.shared.store import ImageRecord, Store
+from docker_http_passthrough.shared.store import ImageRecord
 
 log = logging.getLogger("docker_http_passthrough.api")
-# Bump when the archive bytes for the same image change (it is part of the ETag).
-ARCHIVE_LAYOUT = "docker-save-legacy-1"
 
 
 def error_response(exc: PassthroughError, *, challenge: bool = False) -> JSONResponse:
@@ -88,9 +84,12 @@ async def download(request: Request) -> Response:
                            "dhp.job.id": job_id_for(resolution.key)})
         _note(request, digest=resolution.digest, cache_hit=cached)
         if record is None:
-            record = await _prepare_or_start_early(request, wanted, resolution, name)
-            if isinstance(record, Response):
-                return record
+            record = await _prepared_within_grace(request, wanted, resolution)
+        if record is None:
+            early = await _early_response(request, wanted, resolution, name)
+            if early is not None:
+                return early
+            record = await state.preparer.ensure(_spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
         attributes["container.image.id"] = record.config_digest
         plan = plan_archive(state.store.get_blob(record.config_digest), record.config_digest,
                             state.store.layer_files(record), name)
@@ -111,38 +110,44 @@ async def download(request: Request) -> Response:
     return response
 
 
-async def _prepare_or_start_early(request: Request, wanted: ImageRequest, resolution: Resolution,
-                                  name: str) -> ImageRecord | Response:
-    """The prepared image; or, for a GET still preparing after PREPARE_GRACE, a response already streaming."""
+async def _prepared_within_grace(request: Request, wanted: ImageRequest,
+                                 resolution: Resolution) -> ImageRecord | None:
+    """The prepared image, waiting for it as long as the request may wait for headers; None when a GET has
+    waited PREPARE_GRACE and the preparation still runs (it goes on: the response may start early)."""
     state = request.app.state
     settings = state.settings
     spec = _spec(wanted, resolution)
     credentials, token = wanted.auth.credentials, wanted.auth.token
     if request.method != "GET" or settings.prepare_grace <= 0:
         return await state.preparer.ensure(spec, credentials, token)
-    job_id = await state.preparer.start(spec, credentials, token)
+    await state.preparer.start(spec, credentials, token)
     try:
         return await asyncio.wait_for(state.preparer.ensure(spec, credentials, token), settings.prepare_grace)
     except TimeoutError:
-        pass
-    client = RegistryClient(state.http, wanted.target, wanted.image.repository, credentials, token)
-    early = await plan_before_ready(client, state.store, resolution.digest, name)
-    if early is None:  # some size cannot be known in advance: wait it out
-        log.info("download %s: sizes unknown before unpacking, waiting for the preparation", request.url.path)
-        return await state.preparer.ensure(spec, credentials, token)
-    plan, layers = early
-
-    async def failure() -> PassthroughError | None:
-        status = await state.preparer.status(job_id)
-        if status is not None and status.get("state") == "failed":
-            return PassthroughError.from_dict(status.get("error") or {})
         return None
 
+
+async def _early_response(request: Request, wanted: ImageRequest, resolution: Resolution,
+                          name: str) -> Response | None:
+    """A response that starts now and sends each part of the archive as the preparation verifies it; None when
+    some size cannot be known before unpacking (the request then waits for the preparation)."""
+    state = request.app.state
+    settings = state.settings
+    client = RegistryClient(state.registries, wanted.target, wanted.image.repository, wanted.auth.credentials,
+                            wanted.auth.token)
+    early = await plan_before_ready(client, state.store, state.size_guesses, resolution.digest, name)
+    if early is None:
+        log.info("download %s: sizes unknown before unpacking, waiting for the preparation", request.url.path)
+        return None
     log.info("download %s: still preparing after %gs, streaming %d bytes as layers verify", request.url.path,
-             settings.prepare_grace, plan.size)
-    body = stream_as_prepared(plan, layers, state.store, wanted.target.api_url, wanted.image.repository, failure,
-                              lambda: state.store.get_image(resolution.key) is not None, settings.prepare_timeout)
-    headers = {**_archive_headers(plan, resolution.digest, wanted.filename), "Content-Length": str(plan.size)}
+             settings.prepare_grace, early.plan.size)
+    job_id = job_id_for(resolution.key)
+    gate = EarlyGate(early, state.store, wanted.target.api_url, wanted.image.repository,
+                     lambda: state.preparer.state(job_id),
+                     lambda: state.store.get_image(resolution.key) is not None, settings.prepare_timeout)
+    body = stream_archive(state.store, early.plan, early.diff_ids, 0, early.plan.size, gate)
+    headers = {**archive_headers(early.plan, resolution.digest, wanted.filename),
+               "Content-Length": str(early.plan.size)}
     return StreamingResponse(body, headers=headers)
 
 
@@ -175,23 +180,9 @@ async def job_status(request: Request) -> Response:
     return JSONResponse({"job_id": job_id, **status})
 
 
-def archive_etag(manifest_digest: str, repo_tag_name: str) -> str:
-    """Strong: same manifest, same name, same layout version → same bytes."""
-    return '"' + hashlib.sha256(f"{ARCHIVE_LAYOUT}\n{manifest_digest}\n{repo_tag_name}".encode()).hexdigest()[:40] + '"'
-
-
-def _archive_headers(plan: ArchivePlan, digest: str, filename: str) -> dict[str, str]:
-    return {
-        "Content-Disposition": f'attachment; filename="{filename}"',
-        "Content-Type": "application/x-tar",
-        "Accept-Ranges": "bytes",
-        "ETag": archive_etag(digest, plan.repo_tag),
-        "X-Manifest-Digest": digest,
-    }
-
-
 def archive_response(request: Request, plan: ArchivePlan, record: ImageRecord, filename: str) -> Response:
-    headers = _archive_headers(plan, record.manifest_digest, filename)
+    """A prepared image: the whole archive, one range of it (206), or only the headers (HEAD)."""
+    headers = archive_headers(plan, record.manifest_digest, filename)
     etag = headers["ETag"]
     try:
         wanted = requested_range(request.headers.get("range"), request.headers.get("if-range"), etag, plan.size)
@@ -206,61 +197,5 @@ def archive_response(request: Request, plan: ArchivePlan, record: ImageRecord, f
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers)
     diff_ids = [layer.diff_id for layer in record.layers]
-    return StreamingResponse(_leased_stream(request.app.state.store, plan, diff_ids, start, end), status_code=status,
-                             headers=headers)
-
-
-async def _leased_stream(store: Store, plan: ArchivePlan, diff_ids: list[str], start: int,
-                         end: int) -> AsyncIterator[bytes]:
-    """The archive bytes, with the layers leased so no eviction removes them mid-stream.
-
-    Piece size follows the client: a fast client gets up to 4 MiB per send (fewer hops, near disk speed), a
-    slow one (a switch at 1.4 MB/s) 64 KiB, so hundreds of slow transfers hold little memory each — a piece
-    waits in the socket buffer until the client has read it.
-    """
-    record_use(store, diff_ids)
-    loop = asyncio.get_running_loop()
-    pacer = PiecePacer(loop.time())
-    reader = ArchiveReader(plan)
-    with leased(store, diff_ids) as leases, contextlib.closing(reader):
-        position = start
-        while position < end:
-            data = await reader.read(position, min(position + pacer.piece, end))
-            sent_at = loop.time()
-            yield data  # returns once the server has handed it to a draining socket
-            position += len(data)
-            leases.refresh()
-            pacer.sent(len(data), sent_at, loop.time())
-
-
-PIECE_MIN = 64 << 10
-PIECE_START = 128 << 10
-PIECE_MAX = 4 << 20
-# Aim for pieces a client drains in about this long.
-PIECE_SECONDS = 0.02
-# Socket buffers swallow the first megabytes at once, even for a slow client: trust the average rate only
-# after this much, and stay at PIECE_START until then.
-PIECE_TRUST_AFTER = 8 << 20
-
-
-def _piece_for(rate: float) -> int:
-    size = PIECE_MIN
-    while size * 2 <= rate * PIECE_SECONDS and size < PIECE_MAX:
-        size *= 2
-    return size
-
-
-class PiecePacer:
-    """Piece size that follows the client: big for fast ones (fewer hops), small for slow ones, whose pieces
-    wait in memory until they read them."""
-
-    def __init__(self, now: float):
-        self.started = now
-        self.total = 0
-        self.piece = PIECE_START
-
-    def sent(self, size: int, began: float, ended: float) -> None:
-        self.total += size
-        this_send = _piece_for(size / max(ended - began, 1e-6))
-        overall = _piece_for(self.total / max(ended - self.started, 1e-6))
-        self.piece = min(this_send, overall if self.total >= PIECE_TRUST_AFTER else PIECE_START)
+    return StreamingResponse(stream_archive(request.app.state.store, plan, diff_ids, start, end),
+                             status_code=status, headers=headers)

@@ -1,0 +1,39 @@
+"""The one way an archive's bytes leave the server, warm or early-start: one `ArchiveReader`, pieces sized by
+the `PiecePacer`, and leases on every layer so no eviction removes one mid-stream.
+
+An early-start stream passes a gate (see `early_stream`) that holds each byte back until the preparation has
+verified what it belongs to. A layer file that is missing or not the planned size raises ArchiveSourceError
+at once: the server then cuts the connection, and the client holds a short file, never a wrong one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Awaitable, Callable, Sequence
+
+from docker_http_passthrough.api.pacer import PiecePacer
+from docker_http_passthrough.shared.archive import ArchivePlan
+from docker_http_passthrough.shared.archive_reader import ArchiveReader
+from docker_http_passthrough.shared.eviction import held_leases, record_use
+from docker_http_passthrough.shared.store import Store
+
+# Given a position, waits until bytes from there may go out, and returns where that permission ends.
+Gate = Callable[[int], Awaitable[int]]
+
+
+async def stream_archive(store: Store, plan: ArchivePlan, diff_ids: Sequence[str], start: int, end: int,
+                         gate: Gate | None = None) -> AsyncIterator[memoryview]:
+    """Bytes [start, end) of the archive."""
+    record_use(store, diff_ids)
+    loop = asyncio.get_running_loop()
+    pacer = PiecePacer(loop.time())
+    async with held_leases(store, diff_ids):
+        with ArchiveReader(plan) as reader:
+            position = start
+            while position < end:
+                allowed = end if gate is None else min(end, await gate(position))
+                data = await reader.read(position, min(position + pacer.piece, allowed))
+                sent_at = loop.time()
+                yield data  # returns once the server has handed it to a draining socket
+                position += len(data)
+                pacer.sent(len(data), sent_at, loop.time())

@@ -1,0 +1,38 @@
+"""Piece sizes that follow the client: big for fast ones (fewer hops, near disk speed), small for slow ones.
+
+A fast client gets up to 4 MiB per send; a slow one (a switch at 1.4 MB/s) 64 KiB, so hundreds of slow
+transfers hold little memory each — a piece waits in the socket buffer until the client has read it.
+"""
+
+from __future__ import annotations
+
+PIECE_MIN = 64 << 10
+PIECE_START = 128 << 10
+PIECE_MAX = 4 << 20
+# Aim for pieces a client drains in about this long.
+PIECE_SECONDS = 0.02
+# Socket buffers swallow the first megabytes at once, even for a slow client: trust the average rate only
+# after this much, and stay at PIECE_START until then.
+PIECE_TRUST_AFTER = 8 << 20
+
+
+def piece_for(rate: float) -> int:
+    """The piece a client reading `rate` bytes per second drains in about PIECE_SECONDS (a power of two)."""
+    size = PIECE_MIN
+    while size * 2 <= rate * PIECE_SECONDS and size < PIECE_MAX:
+        size *= 2
+    return size
+
+
+class PiecePacer:
+    def __init__(self, now: float):
+        self.started = now
+        self.total = 0
+        self.piece = PIECE_START
+
+    def sent(self, size: int, began: float, ended: float) -> None:
+        """A piece of `size` bytes took from `began` to `ended` to go out; sets the next piece size."""
+        self.total += size
+        this_send = piece_for(size / max(ended - began, 1e-6))
+        overall = piece_for(self.total / max(ended - self.started, 1e-6))
+        self.piece = min(this_send, overall if self.total >= PIECE_TRUST_AFTER else PIECE_START)

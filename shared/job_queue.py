@@ -1,0 +1,187 @@
+"""The preparation queue on RQ, through RQ's public API only (`Job`, `Queue`, `Worker` and their key helpers).
+
+Everything the API and the worker do with RQ goes through here: start a job unless one runs, look at a job,
+count live workers and waiting jobs, build the worker. The rule for a lost job is written once, in `JobLook`.
+The calls are synchronous (RQ is); the API runs them on a few threads of its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+import redis
+from rq import Queue, SimpleWorker, Worker, get_current_job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from docker_http_passthrough.shared.jobs import (
+    JOB_FUNCTION,
+    LEGACY_JOB_FUNCTIONS,
+    JobSpec,
+    credentials_key,
+    heartbeat_key,
+    outcome_key,
+    progress_key,
+)
+
+ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED,
+                    JobStatus.CREATED})
+# Ended without running to its end: killed (job timeout), or its worker died and RQ noticed.
+KILLED = frozenset({JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
+# A job that started this recently may not have written its first heartbeat yet.
+START_GRACE = 3.0
+# RQ keeps finished and failed job ids this long; we replace such jobs anyway when asked again.
+RESULT_TTL = 600
+# After a job reported its outcome, how long RQ may take to mark it finished.
+SETTLE_TIMEOUT = 5.0
+
+
+class PreparationJob(Job):
+    """RQ's Job, except that a job queued under a legacy name of the job function (before the package was
+    renamed, see jobs.LEGACY_JOB_FUNCTIONS) runs the current one: an upgrade loses no queued job."""
+
+    @property
+    def func(self):
+        if self.func_name in LEGACY_JOB_FUNCTIONS:
+            module, _, name = JOB_FUNCTION.rpartition(".")
+            return getattr(importlib.import_module(module), name)
+        return super().func
+
+
+@dataclass(frozen=True)
+class JobLook:
+    """One look at a preparation job, read in an order that cannot mistake a job that just ended for a lost one."""
+
+    status: str | None  # RQ's status; None when no such job exists
+    started_at: float | None = None  # epoch seconds
+    outcome: dict | None = None  # what the job reported ({"ok": …}); None while it has not
+    heartbeat: bool = False  # its worker beat within WORKER_LOST_TIMEOUT
+    trace: dict = field(default_factory=dict)  # trace context of the request that started it
+    looked_at: float = field(default_factory=time.time)
+
+    @property
+    def lost(self) -> bool:
+        """Started, but neither beating nor reporting: its worker died and RQ has not noticed yet."""
+        return (self.status == JobStatus.STARTED and not self.heartbeat and self.outcome is None
+                and self.looked_at - (self.started_at or 0.0) > START_GRACE)
+
+    @property
+    def running_or_waiting(self) -> bool:
+        """Will still report an outcome by itself (as far as anyone can tell)."""
+        return self.outcome is None and self.status in ACTIVE and not self.lost
+
+
+def current_job() -> Job:
+    """The job this worker is running (inside a job function)."""
+    return get_current_job()
+
+
+def _epoch(moment: datetime | None) -> float | None:
+    if moment is None:
+        return None
+    # RQ stores UTC and may hand it back without a zone: never read it as local time.
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+class PreparationQueue:
+    def __init__(self, connection: redis.Redis, name: str):
+        self.connection = connection
+        self.queue = Queue(name, connection=connection, job_class=PreparationJob)
+
+    def _outcome(self, job_id: str) -> dict | None:
+        raw = self.connection.get(outcome_key(job_id))
+        return None if raw is None else json.loads(raw)
+
+    def _fetch(self, job_id: str) -> PreparationJob | None:
+        try:
+            return PreparationJob.fetch(job_id, connection=self.connection)
+        except NoSuchJobError:
+            return None
+
+    def look(self, job_id: str) -> JobLook:
+        outcome = self._outcome(job_id)
+        job = self._fetch(job_id)
+        if job is None:
+            return JobLook(None, outcome=outcome)
+        status = JobStatus(job.get_status(refresh=False)).value
+        heartbeat = status == JobStatus.STARTED and bool(self.connection.exists(heartbeat_key(job_id)))
+        if status == JobStatus.STARTED and not heartbeat and outcome is None:
+            # The job's last act sets its outcome and drops its heartbeat in one transaction: the outcome read
+            # before the heartbeat may predate it, so read it again before calling the job lost.
+            outcome = self._outcome(job_id)
+        return JobLook(status, _epoch(job.started_at), outcome, heartbeat, job.meta.get("trace") or {})
+
+    def start(self, spec: JobSpec, *, sealed: bytes | None, trace: dict, job_timeout: int,
+              prepared: Callable[[], bool]) -> dict | None:
+        """Make sure a job prepares `spec`, unless `prepared()`: enqueue one, or join the one that runs.
+
+        Returns the trace context of the request that started the running job when this call joins it. A short
+        Redis lock makes check-then-enqueue atomic across API processes."""
+        job_id = spec.job_id
+        with self.connection.lock(f"dhp:enqueue:{job_id}", timeout=30, blocking_timeout=30):
+            if prepared():
+                return None
+            look = self.look(job_id)
+            if look.running_or_waiting:
+                return look.trace
+            if look.status is not None:
+                # Failed, finished without output, or lost: RQ keeps such ids for a long time; replace it.
+                self._replace(job_id, reported=look.outcome is not None)
+            self._enqueue(spec, sealed, trace, job_timeout)
+            return None
+
+    def _replace(self, job_id: str, reported: bool) -> None:
+        job = self._fetch(job_id)
+        if job is None:
+            return
+        if reported:
+            # It reported, but RQ may not have marked it finished yet: replacing it now would let the old
+            # worker's bookkeeping overwrite the new job. Give RQ a moment.
+            deadline = time.monotonic() + SETTLE_TIMEOUT
+            while job.get_status(refresh=True) in ACTIVE and time.monotonic() < deadline:
+                time.sleep(0.05)
+        job.delete()
+
+    def _enqueue(self, spec: JobSpec, sealed: bytes | None, trace: dict, job_timeout: int) -> None:
+        job_id = spec.job_id
+        pipe = self.connection.pipeline()
+        pipe.delete(outcome_key(job_id), heartbeat_key(job_id), progress_key(job_id))
+        if sealed is not None:
+            pipe.set(credentials_key(job_id), sealed, ex=job_timeout + RESULT_TTL)
+        pipe.execute()
+        self.queue.enqueue(
+            JOB_FUNCTION,
+            kwargs=spec.as_kwargs(),
+            job_id=job_id,
+            job_timeout=job_timeout,
+            result_ttl=RESULT_TTL,
+            failure_ttl=RESULT_TTL,
+            description=f"prepare {spec.registry.name}/{spec.repository}@{spec.manifest_digest}",
+            meta={"trace": trace},
+        )
+
+    def progress(self, job_id: str) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.connection.hgetall(progress_key(job_id)).items()}
+
+    def live_workers(self) -> int:
+        """Workers registered for this queue whose registration has not expired (a dead worker's does)."""
+        keys = Worker.all_keys(queue=self.queue)
+        return int(self.connection.exists(*keys)) if keys else 0
+
+    def depth(self) -> int:
+        """Jobs waiting for a worker."""
+        return self.queue.count
+
+    def worker(self, name: str | None = None) -> SimpleWorker:
+        # Jobs run in the worker process itself (no fork per job): they are asyncio I/O with bounded buffers,
+        # so nothing needs a fresh process, and metrics and tracing stay in one registry and one provider. A
+        # job past JOB_TIMEOUT is still stopped (SIGALRM), and a dead worker is noticed by its missing heartbeat.
+        return SimpleWorker([self.queue], connection=self.connection, name=name, job_class=PreparationJob)
+
+    def close(self) -> None:
+        self.connection.close()

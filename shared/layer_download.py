@@ -1,0 +1,89 @@
+"""Downloading one layer: network reads overlap hashing and inflating, and nothing is stored unless both the
+blob digest and the diff_id verify."""
+
+from __future__ import annotations
+
+import asyncio
+
+from docker_http_passthrough.shared import manifest as mf
+from docker_http_passthrough.shared.digests import digest_of
+from docker_http_passthrough.shared.errors import InvalidContent
+from docker_http_passthrough.shared.jobs import Progress
+from docker_http_passthrough.shared.layer_sink import LayerSink
+from docker_http_passthrough.shared.metrics import UPSTREAM_BYTES
+from docker_http_passthrough.shared.registry import RegistryClient
+from docker_http_passthrough.shared.store import Store
+from docker_http_passthrough.shared.telemetry import tracer
+
+# Hand bytes to the decompress thread in pieces this large: fewer thread hops, bounded memory.
+FEED_SIZE = 1 << 20
+# Pieces waiting between the network and the inflating thread, per layer.
+PIPELINE_DEPTH = 4
+
+
+async def all_or_nothing(*coroutines):
+    """Run together; the first failure cancels the others (their temp files go away with them)."""
+    tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _pipeline(response, layer: mf.Descriptor, sink: LayerSink, progress: Progress | None) -> None:
+    """Network reads and hashing/inflating/writing overlap: one task receives, a thread works on what came
+    before (at most PIPELINE_DEPTH pieces wait in between, so memory stays bounded)."""
+    pieces: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+
+    async def receive() -> None:
+        pending: list[bytes] = []
+        pending_size = received = 0
+        async for chunk in response.aiter_raw():
+            received += len(chunk)
+            if received > layer.size:
+                raise InvalidContent(f"layer {layer.digest} is longer than the {layer.size} bytes its manifest says")
+            pending.append(chunk)
+            pending_size += len(chunk)
+            if pending_size >= FEED_SIZE:
+                await pieces.put(b"".join(pending))
+                pending, pending_size = [], 0
+        if pending:
+            await pieces.put(b"".join(pending))
+        await pieces.put(None)
+
+    async def work() -> None:
+        while (piece := await pieces.get()) is not None:
+            await asyncio.to_thread(sink.feed, piece)
+            if progress:
+                progress.bytes_done += len(piece)
+
+    await all_or_nothing(receive(), work())
+
+
+async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor, diff_id: str,
+                      progress: Progress | None = None, index: int = 0) -> int:
+    """Download, verify and inflate one layer into the store; returns the tar's size."""
+    gzip = layer.media_type in mf.GZIP_LAYERS
+    with tracer().start_as_current_span(f"write_layer_tar_{index}", attributes={
+            "oci.layer.index": index, "oci.layer.digest": layer.digest}) as span, \
+            store.atomic_writer(store.layer_path(diff_id)) as out:
+        sink = LayerSink(out, gzip)
+        async with client.blob(layer.digest) as response:
+            await _pipeline(response, layer, sink, progress)
+        await asyncio.to_thread(sink.finish)
+        if digest_of(sink.blob_hash) != layer.digest:
+            raise InvalidContent(f"layer {layer.digest} does not match its digest (received {sink.blob_size} bytes); "
+                                 "nothing was stored")
+        if sink.gzip_error:
+            raise InvalidContent(f"layer {layer.digest} is {sink.gzip_error}; nothing was stored")
+        if digest_of(sink.tar_hash) != diff_id:
+            raise InvalidContent(f"layer {layer.digest} unpacks to {digest_of(sink.tar_hash)}, but the image "
+                                 f"config says {diff_id} (invalid diff_id); nothing was stored")
+        span.set_attribute("oci.layer.decompressed_size", sink.tar_size)
+    UPSTREAM_BYTES.inc(sink.blob_size)
+    store.link_layer(layer.digest, diff_id, sink.blob_size, sink.blob_tail)
+    store.mark_seen(client.target.api_url, client.repository, layer.digest)
+    return sink.tar_size

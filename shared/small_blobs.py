@@ -1,0 +1,40 @@
+"""Small verified blobs (manifests, indexes, configs): from the store when this registry and repository served
+them before, else fetched, verified and remembered."""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+from docker_http_passthrough.shared.registry import RegistryClient
+from docker_http_passthrough.shared.store import Store
+from docker_http_passthrough.shared.telemetry import tracer
+
+
+async def _small_blob(client: RegistryClient, store: Store, digest: str,
+                      fetch: Callable[[str], Awaitable[bytes]]) -> tuple[bytes, bool]:
+    """A verified small blob (manifest, index, config): from the store if this registry and repository served
+    it before, else fetched and remembered. Returns (bytes, came from the store)."""
+    registry, repository = client.target.api_url, client.repository
+    data = store.get_blob(digest) if store.seen(registry, repository, digest) else None
+    if data is not None:
+        return data, True
+    data = await fetch(digest)
+    store.put_blob(digest, data)
+    store.mark_seen(registry, repository, digest)
+    return data, False
+
+
+async def manifest_bytes(client: RegistryClient, store: Store, digest: str) -> bytes:
+    """A manifest or index by digest."""
+
+    async def fetch(reference: str) -> bytes:
+        return (await client.get_manifest(reference))[0]
+
+    return (await _small_blob(client, store, digest, fetch))[0]
+
+
+async def config_bytes(client: RegistryClient, store: Store, digest: str) -> bytes:
+    with tracer().start_as_current_span("fetch_config_blob", attributes={"oci.image.config.digest": digest}) as span:
+        data, stored = await _small_blob(client, store, digest, client.get_blob)
+        span.set_attribute("dhp.cache.hit", stored)
+    return data
