@@ -1,0 +1,87 @@
+"""shared.locks: one holder per name at a time, in process (embedded) and across processes on a real Redis,
+where a live holder keeps its lock past the ttl and a crashed one frees it within the ttl."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from docker_http_passthrough.shared.locks import LocalLocks, RedisLocks
+
+TTL = 1.0
+
+
+async def holders_overlap(locks, names: list[str], hold: float) -> bool:
+    """Hold each name in `names` (repeats allowed) at once; did any two holders of one name overlap?"""
+    inside: dict[str, int] = {}
+    overlapped = False
+
+    async def one(name: str) -> None:
+        nonlocal overlapped
+        async with locks.hold(name):
+            inside[name] = inside.get(name, 0) + 1
+            overlapped |= inside[name] > 1
+            await asyncio.sleep(hold)
+            inside[name] -= 1
+
+    await asyncio.gather(*(one(name) for name in names))
+    return overlapped
+
+
+@pytest.mark.anyio
+async def test_local_locks_one_holder_per_name_and_nothing_left_behind():
+    locks = LocalLocks()
+    started = time.monotonic()
+    assert not await holders_overlap(locks, ["a", "a", "a", "b"], 0.1)
+    assert 0.3 <= time.monotonic() - started < 1, "the three holders of 'a' took turns; 'b' did not wait"
+    assert locks._locks == {} and locks._users == {}
+
+
+@pytest.mark.anyio
+async def test_redis_locks_one_holder_per_name_even_past_the_ttl(redis_server):
+    async with aioredis.Redis.from_url(redis_server.url) as client:
+        locks = RedisLocks(client, ttl=TTL, poll=0.05)
+        started = time.monotonic()
+        # Each holds 1.5 ttl: without renewal the key would expire under the first holder and let the second in.
+        assert not await holders_overlap(locks, ["blob-x", "blob-x", "blob-y"], TTL * 1.5)
+        assert time.monotonic() - started >= TTL * 3
+        assert await client.keys("dhp:lock:*") == []
+
+
+HOLD_AND_CRASH = """
+import asyncio, os, sys
+import redis.asyncio as aioredis
+from docker_http_passthrough.shared.locks import RedisLocks
+
+async def main():
+    client = aioredis.Redis.from_url(sys.argv[1])
+    async with RedisLocks(client, ttl=float(sys.argv[2])).hold("blob-z"):
+        print("held", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.anyio
+async def test_a_crashed_holder_frees_the_name_within_the_ttl(redis_server):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_CRASH, redis_server.url, str(TTL)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        async with aioredis.Redis.from_url(redis_server.url) as client:
+            assert await client.exists("dhp:lock:blob-z")
+            holder.kill()  # no release: only the expiry can free the name
+            holder.wait(10)
+            killed = time.monotonic()
+            async with RedisLocks(client, ttl=TTL, poll=0.05).hold("blob-z"):
+                waited = time.monotonic() - killed
+        assert waited <= TTL + 0.5
+    finally:
+        holder.kill()
+        holder.wait(10)
