@@ -31,7 +31,11 @@ async def stream_archive(store: Store, plan: ArchivePlan, diff_ids: Sequence[str
         with ArchiveReader(plan) as reader:
             position = start
             while position < end:
-                allowed = end if gate is None else min(end, await gate(position))
+                allowed = end
+                if gate is not None:
+                    waiting_since = loop.time()
+                    allowed = min(end, await gate(position))
+                    pacer.waited(loop.time() - waiting_since)
                 data = await reader.read(position, min(position + pacer.piece, allowed))
                 sent_at = loop.time()
                 yield data  # returns once the server has handed it to a draining socket

@@ -30,6 +30,11 @@ class PiecePacer:
         self.total = 0
         self.piece = PIECE_START
 
+    def waited(self, seconds: float) -> None:
+        """The stream had nothing to send for this long (an early start waiting for a layer): not the client's
+        slowness, so it does not count against its average rate."""
+        self.started += seconds
+
     def sent(self, size: int, began: float, ended: float) -> None:
         """A piece of `size` bytes took from `began` to `ended` to go out; sets the next piece size."""
         self.total += size

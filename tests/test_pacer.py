@@ -54,3 +54,11 @@ def test_a_client_that_slows_down_gets_smaller_pieces_at_once():
     assert pacer.piece == PIECE_MAX
     pacer.sent(PIECE_MAX, 1.0, 4.0)  # this send crawled
     assert pacer.piece == PIECE_MIN
+
+
+def test_time_spent_waiting_for_the_preparation_is_not_the_clients_slowness():
+    pacer = PiecePacer(0.0)
+    pacer.sent(PIECE_TRUST_AFTER // 2, 0.0, 0.005)
+    pacer.waited(30.0)  # an early-start stream held back until the next layer verified
+    pacer.sent(PIECE_TRUST_AFTER // 2, 30.005, 30.01)
+    assert pacer.piece == PIECE_MAX
