@@ -16,10 +16,10 @@ from docker_http_passthrough.api.early_stream import EarlyGate, EarlyPlan, Early
 from docker_http_passthrough.api.preparation import JobState
 from docker_http_passthrough.shared.archive import LayerFile, plan_archive
 from docker_http_passthrough.shared.archive_reader import ArchiveSourceError, write_archive
-from docker_http_passthrough.shared.digests import sha256_digest
 from docker_http_passthrough.shared.errors import InvalidContent
 from docker_http_passthrough.shared.eviction import evict
 from docker_http_passthrough.shared.store import Store
+from tests.support.images import sha
 
 REGISTRY, REPOSITORY = "https://reg.example", "team/app"
 
@@ -32,12 +32,12 @@ def store(tmp_path) -> Store:
 def image(store: Store, sizes=(300_000, 5_000, 200_000)):
     """(plan, [(blob digest, diff_id)], layer contents) of an image whose layers are not stored yet."""
     contents = [os.urandom(size) for size in sizes]
-    diff_ids = [sha256_digest(data) for data in contents]
+    diff_ids = [sha(data) for data in contents]
     config = json.dumps({"rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
-    store.put_blob(sha256_digest(config), config)
+    store.put_blob(sha(config), config)
     files = [LayerFile(d, len(c), str(store.layer_path(d))) for d, c in zip(diff_ids, contents)]
-    plan = plan_archive(config, sha256_digest(config), files, "team/app:v1")
-    layers = [(sha256_digest(b"blob" + data[:64]), diff_id) for data, diff_id in zip(contents, diff_ids)]
+    plan = plan_archive(config, sha(config), files, "team/app:v1")
+    layers = [(sha(b"blob" + data[:64]), diff_id) for data, diff_id in zip(contents, diff_ids)]
     return plan, layers, contents
 
 

@@ -15,18 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.downloads import archive_manifest, get, tar_members
+from tests.support.downloads import archive_manifest, get, image_url, tar_members
 from tests.support.images import make_layer
 
 pytestmark = pytest.mark.e2e
-
-
-def filename_for(repository: str, tag: str) -> str:
-    return repository.replace("/", "__") + f"_{tag}.tar"
-
-
-def url_for(stack, registry, repository: str, tag: str) -> str:
-    return f"{stack.url}/registry/http/{registry.host}/docker/{filename_for(repository, tag)}"
 
 
 class SlowClient(threading.Thread):
@@ -80,18 +72,18 @@ def test_slow_early_start_client_gets_every_byte_while_the_cache_evicts(stack, r
     # Room for a small image only: every preparation ends by evicting whatever is not in use.
     running = stack("two-tier", env={"CACHE_MAX_BYTES": "2M", "PREPARE_GRACE": "1", "PREPARE_TIMEOUT": "120"})
     layers_dir = Path(running.cache_dir) / "layers" / "sha256"
-    assert get(url_for(running, registry, unique_repo, "old")).status == 200  # in the store, in use by no one
+    assert get(image_url(running.url, registry.host, unique_repo, "old")).status == 200  # in the store, in use by no one
     registry.proxy.throttle_bytes_per_second = 1_000_000  # ~3 s to prepare: the response starts early
     images = Path(running.cache_dir) / "images"
 
-    slow = SlowClient(url_for(running, registry, unique_repo, "big"))
+    slow = SlowClient(image_url(running.url, registry.host, unique_repo, "big"))
     slow.start()
     assert slow.started.wait(30) and slow.error is None, slow.error
     assert slow.status == 200
     _wait_for(lambda: len(list(images.iterdir())) == 2, "the big image to be prepared")
 
     # A second image prepared meanwhile: its preparation evicts again.
-    assert get(url_for(running, registry, unique_repo, "other")).status == 200
+    assert get(image_url(running.url, registry.host, unique_repo, "other")).status == 200
 
     slow.resume.set()
     slow.join(60)

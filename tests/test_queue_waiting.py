@@ -13,12 +13,12 @@ import pytest
 from rq.job import Job, JobStatus
 
 from docker_http_passthrough.api.queue_preparer import CHECK_EVERY, LOOK_SHARED_FOR, QueuePreparer
-from docker_http_passthrough.shared.digests import sha256_digest
 from docker_http_passthrough.shared.errors import PassthroughError, TimedOut, Unavailable
 from docker_http_passthrough.shared.job_queue import START_GRACE, PreparationQueue
 from docker_http_passthrough.shared.jobs import JobSpec, heartbeat_key, outcome_key
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import ImageRecord, PreparedLayer, Store
+from tests.support.images import sha
 
 SPEC = JobSpec({"api_url": "https://reg.example", "name": "reg.example", "token_url": None, "service": None,
                 "basic_only": False}, "team/app", "sha256:" + "cd" * 32, "anonymous")
@@ -62,12 +62,12 @@ class Harness:
     def prepared(self) -> ImageRecord:
         """Put what a preparation would have stored for SPEC."""
         config = b'{"rootfs": {"diff_ids": []}}'
-        self.store.put_blob(sha256_digest(config), config)
+        self.store.put_blob(sha(config), config)
         layer = b"a layer"
-        with self.store.atomic_writer(self.store.layer_path(sha256_digest(layer))) as out:
+        with self.store.atomic_writer(self.store.layer_path(sha(layer))) as out:
             out.write(layer)
-        record = ImageRecord("https://reg.example", "team/app", SPEC.manifest_digest, sha256_digest(config),
-                             (PreparedLayer(sha256_digest(layer), len(layer), "sha256:" + "0" * 64),))
+        record = ImageRecord("https://reg.example", "team/app", SPEC.manifest_digest, sha(config),
+                             (PreparedLayer(sha(layer), len(layer), "sha256:" + "0" * 64),))
         self.store.put_image(SPEC.key, record)
         return record
 
