@@ -74,6 +74,15 @@ class Harness:
     async def ensure(self):
         return await self.preparer.ensure(SPEC, None, None)
 
+    async def fails(self, outcome: dict) -> PassthroughError:
+        """A request waits; the job reports `outcome` (a failure): what the request gets."""
+        waiter = asyncio.ensure_future(self.ensure())
+        await asyncio.sleep(0.2)
+        self.report(outcome)
+        with pytest.raises(PassthroughError) as info:
+            await asyncio.wait_for(waiter, 5)
+        return info.value
+
 
 @pytest.fixture
 async def harness(tmp_path):
@@ -103,12 +112,8 @@ async def test_waiters_wake_on_the_outcome_and_get_the_image(harness):
 @pytest.mark.anyio
 async def test_a_failed_outcome_is_the_waiters_error(harness):
     live_worker(harness)
-    waiter = asyncio.ensure_future(harness.ensure())
-    await asyncio.sleep(0.3)
-    harness.report({"ok": False, "error": "registry_forbidden", "status": 403, "message": "refused"})
-    with pytest.raises(PassthroughError) as info:
-        await asyncio.wait_for(waiter, 5)
-    assert (info.value.status, info.value.code, info.value.message) == (403, "registry_forbidden", "refused")
+    error = await harness.fails({"ok": False, "error": "registry_forbidden", "status": 403, "message": "refused"})
+    assert (error.status, error.code, error.message) == (403, "registry_forbidden", "refused")
 
 
 @pytest.mark.anyio
@@ -186,12 +191,8 @@ async def test_all_waiters_of_a_job_share_one_look_per_interval(harness):
 async def test_a_retry_right_after_a_failure_waits_for_a_new_job(harness):
     """RQ keeps a failed job; the retry must replace it, and not take the look that saw it fail for its answer."""
     live_worker(harness)
-    first = asyncio.ensure_future(harness.ensure())
-    await asyncio.sleep(0.2)
-    harness.report({"ok": False, "error": "invalid_content", "status": 502, "message": "bad digest"})
-    harness.job().set_status(JobStatus.FAILED)
-    with pytest.raises(PassthroughError):
-        await asyncio.wait_for(first, 5)
+    await harness.fails({"ok": False, "error": "invalid_content", "status": 502, "message": "bad digest"})
+    harness.job().set_status(JobStatus.FAILED)  # what RQ does once the job function raised
     retry = asyncio.ensure_future(harness.ensure())
     await asyncio.sleep(0.3)
     assert not retry.done()
