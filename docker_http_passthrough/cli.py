@@ -1,4 +1,4 @@
-"""Command line: `docker-http-passthrough serve` and `docker-http-passthrough worker`."""
+"""Command line: `serve`, `worker`, and the operator helpers `url` and `prewarm`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from docker_http_passthrough.client_commands import CLIENT_COMMANDS, add_client_commands
 from docker_http_passthrough.shared.settings import SettingsError, load_settings
 from docker_http_passthrough.shared.telemetry import configure_logging
 
@@ -29,7 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     worker = commands.add_parser("worker", help="run a preparation worker (needs REDIS_URL)")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.add_argument("--name", default=None, help="worker name (default: RQ picks one)")
+    add_client_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in CLIENT_COMMANDS:
+        raise SystemExit(CLIENT_COMMANDS[args.command](args))
 
     try:
         settings = load_settings()
