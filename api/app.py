@@ -18,6 +18,7 @@ from docker_http_passthrough.api.download_routes import download, job_status, pr
 from docker_http_passthrough.api.early_stream import SizeGuesses
 from docker_http_passthrough.api.embedded_preparer import EmbeddedPreparer
 from docker_http_passthrough.api.observability import TelemetryMiddleware, metrics
+from docker_http_passthrough.api.page import index, info
 from docker_http_passthrough.api.queue_preparer import QueuePreparer
 from docker_http_passthrough.api.resolution import ErrorCache
 from docker_http_passthrough.shared.registry import Registries, new_http_client
@@ -80,6 +81,8 @@ def create_app(settings: Settings) -> Starlette:
                 flush_tracing()
 
     routes = [
+        Route("/", index, methods=["GET", "HEAD"]),
+        Route("/info", info, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/status/{job_id}", job_status, methods=["GET"]),
     ]
