@@ -152,3 +152,96 @@ def test_page_cli_and_server_agree_on_generated_references(page, tmp_path):
                  "component_double_underscore", "single_component", "single_component_underscore", "empty_reference",
                  "invalid_digest", "name_too_long"):
         assert rules[rule], f"the generator produced no case of {rule}: {rules}"
+
+
+# -- the page as a user sees it ---------------------------------------------------------------------------------
+
+
+def _layers(count: int, size: int) -> list:
+    return [make_layer({f"data{i}.bin": os.urandom(size)}) for i in range(count)]
+
+
+def test_page_is_served_with_a_strict_policy(page_server):
+    html = (Path(__file__).resolve().parents[1] / "docs" / "index.html").read_bytes()
+    with httpx.Client(base_url=page_server.url, trust_env=False, timeout=10) as client:
+        got, head = client.get("/"), client.head("/")
+        info = client.get("/info").json()
+    assert got.status_code == 200 and got.content == html
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) == len(html)
+    policy = got.headers["content-security-policy"]
+    script = re.search(rb"<script>(.*?)</script>", html, re.DOTALL).group(1)
+    digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in policy
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "unsafe" not in policy
+    assert info["registry"].startswith("127.0.0.1:") and info["platform"] == "linux/amd64"
+
+
+def test_typed_reference_gives_a_url_that_downloads_and_loads(page, page_server, registry, unique_repo,
+                                                                docker_engine, screenshot, tmp_path):
+    registry.push_image(unique_repo, "v1", _layers(2, 50_000))
+    page.fill("#ref", f"{registry.host}/{unique_repo}:v1")
+    url = page.text_content("#url")
+    assert url == f"{page_server.url}/docker/{unique_repo.replace('/', '_')}_v1.tar"
+    assert f"copy {url} flash:" in page.text_content("#ios")
+    screenshot(page, "1-reference-typed")
+
+    # The page's own shell lines, run as shown: curl against the server (and so the test registry), docker load.
+    curl_line, load_line = page.text_content("#shell").splitlines()
+    subprocess.run(["bash", "-c", curl_line], cwd=tmp_path, check=True, timeout=120)
+    filename = load_line.split()[-1]
+    loaded = docker_engine.load(tmp_path / filename)
+    assert f"Loaded image: {registry.host}/{unique_repo}:v1" in loaded
+
+    page.check("input[name=registry][value=url]")
+    page.check("input[name=credentials][value=switch]")
+    page.select_option("#destination", "usbflash1:")
+    ios = page.text_content("#ios")
+    assert page.text_content("#url") == f"{page_server.url}/registry-auth/http/{registry.host}/docker/{filename}"
+    assert "ip http client username <registry-username>" in ios and "no ip http client password" in ios
+    assert f"usbflash1:{filename}" in ios and page.is_visible("#credential-hint")
+    assert page.locator("input[type=password]").count() == 0, "the page must never ask for a password"
+    assert page.is_disabled("#prewarm")  # /registry-auth/ needs credentials the page never has
+    screenshot(page, "2-switch-credentials")
+
+
+def test_prewarm_button_shows_progress_then_size_and_etag(page, page_server, registry, unique_repo, screenshot):
+    registry.push_image(unique_repo, "v2", _layers(3, 400_000))
+    page.fill("#ref", f"{registry.host}/{unique_repo}:v2")
+    registry.proxy.throttle_bytes_per_second = 400_000  # slow enough to watch the bar move
+    page.click("#prewarm")
+    page.wait_for_selector("#prewarm-status:has-text('of 3 layers')", timeout=30_000)
+    assert page.get_attribute("#prewarm-box", "data-state") == "running"
+    screenshot(page, "3-prewarm-running")
+    page.wait_for_selector("#prewarm-box[data-state=done]", timeout=60_000)
+    registry.proxy.throttle_bytes_per_second = 0
+    screenshot(page, "4-prewarm-done")
+
+    head = httpx.head(page.text_content("#url"), trust_env=False, timeout=30)
+    status = page.text_content("#prewarm-status")
+    assert f"{int(head.headers['content-length']):,} bytes" in status, status
+    assert head.headers["etag"] in status
+    assert page.evaluate("document.getElementById('bar').value") == 1
+
+
+def test_bad_references_and_failed_prewarm_say_why(page, registry, unique_repo, screenshot):
+    cases = {
+        "Nginx:latest": "use lowercase",
+        "nginx:1.0_beta": 'contains "_"',
+        "nginx@sha256:" + "ab" * 32: "digest pin cannot be expressed",
+        "ghcr.io/my-org/app:1.0": "this server's own registry is",
+        "registry.example.com:99999/app": "port must be 1-65535",
+    }
+    for reference, words in cases.items():
+        page.fill("#ref", reference)
+        assert page.is_visible("#problem") and not page.is_visible("#output"), reference
+        assert words.lower() in page.text_content("#problem").lower(), (reference, page.text_content("#problem"))
+        assert page.is_disabled("#prewarm")
+    page.fill("#ref", "Nginx:latest")
+    screenshot(page, "5-bad-reference")
+
+    page.fill("#ref", f"{registry.host}/{unique_repo}:missing")
+    page.click("#prewarm")
+    page.wait_for_selector("#prewarm-box[data-state=failed]", timeout=30_000)
+    status = page.text_content("#prewarm-status")
+    assert "no such repository, tag or platform" in status and f"{unique_repo}:missing not found" in status, status
+    screenshot(page, "6-prewarm-failed")
