@@ -75,7 +75,7 @@ def test_prewarm_draws_bars_in_place_on_a_terminal():
     frames = out.getvalue().split("\x1b[2F")
     assert len(frames) == 3  # first draw, then two redraws moving up over both lines
     assert "[############------------] running: 1/2 layers" in frames[1]  # cut to the terminal width
-    assert "failed: the registry has no such" in frames[2]
+    assert "] failed: the registry" in frames[2]
     assert "FAILED" in summary(items) and "docker.io/library/b:1: the registry has no such" in summary(items)
 
 
