@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install everything the tests need on a fresh Debian machine (apt + pip), then run every test.
-# Real parts: CNCF distribution (docker-registry), redis-server, dockerd (docker.io), busybox-static.
+# Real parts: CNCF distribution (docker-registry), redis-server, dockerd (docker.io), busybox-static, and Debian's
+# chromium for the browser tests (Playwright drives it; `playwright install` downloads a browser and is never run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(docker-registry redis-server docker.io busybox-static apache2-utils iptables ca-certificates)
+APT_PACKAGES=(docker-registry redis-server docker.io busybox-static apache2-utils iptables ca-certificates chromium curl)
 # Debian's own python3 needs python3-venv for `python3 -m venv`; other Pythons (pyenv) bring it.
 python3 -c "import ensurepip" >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv)
 missing=()
@@ -19,6 +20,6 @@ fi
 
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
-.venv/bin/pip install --quiet -e '.[test]'
+.venv/bin/pip install --quiet -e '.[test,docs]'
 
 exec .venv/bin/python -m pytest "$@"
