@@ -189,8 +189,11 @@ def test_typed_reference_gives_a_url_that_downloads_and_loads(page, page_server,
     curl_line, load_line = page.text_content("#shell").splitlines()
     subprocess.run(["bash", "-c", curl_line], cwd=tmp_path, check=True, timeout=120)
     filename = load_line.split()[-1]
-    loaded = docker_engine.load(tmp_path / filename)
-    assert f"Loaded image: {registry.host}/{unique_repo}:v1" in loaded
+    try:
+        loaded = docker_engine.load(tmp_path / filename)
+        assert f"Loaded image: {registry.host}/{unique_repo}:v1" in loaded
+    finally:
+        docker_engine.run("rmi", "-f", f"{registry.host}/{unique_repo}:v1", check=False)
 
     page.check("input[name=registry][value=url]")
     page.check("input[name=credentials][value=switch]")
