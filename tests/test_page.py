@@ -24,7 +24,7 @@ from starlette.routing import Match
 from docker_http_passthrough.api.app import create_app
 from docker_http_passthrough.api.resolution import parse_image_request
 from docker_http_passthrough.routes import RouteOptions, build
-from docker_http_passthrough.shared.registry import target_from_settings
+from docker_http_passthrough.shared.targets import target_from_settings
 from docker_http_passthrough.shared.settings import load_settings
 from tests.support.faults import run_cli
 from tests.support.images import make_layer
