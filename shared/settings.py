@@ -54,6 +54,19 @@ class Settings:
     log_json: bool = False
     # Evict least-recently-used layers when the store grows past this; 0 means unbounded.
     cache_max_bytes: int = 0
+    # Serving limits, per API process (see "Limits and timeouts" in the README).
+    # A connection must deliver a whole request line and headers within this many seconds of starting one.
+    header_timeout: float = 10.0
+    # An idle keep-alive connection (between requests) is closed after this long.
+    idle_timeout: float = 10.0
+    # A response the client has read nothing of for this long is cut (it stopped reading or vanished).
+    send_timeout: float = 60.0
+    # Open connections; None: derived from the file-descriptor limit at start-up.
+    max_connections: int | None = None
+    # Download-route requests in progress per client address; 0: no limit. High: a NATed site is one address.
+    max_downloads_per_client: int = 1000
+    # Distinct images this process has started preparing and that are not done yet; 0: no limit.
+    max_cold_images: int = 32
 
     @property
     def two_tier(self) -> bool:
@@ -189,4 +202,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         worker_metrics_port=_port(env, "WORKER_METRICS_PORT", 9101),
         log_json=(env.get("LOG_FORMAT") or "text").strip().lower() == "json",
         cache_max_bytes=_byte_size(env, "CACHE_MAX_BYTES"),
+        header_timeout=_number(env, "HEADER_TIMEOUT", 10.0),
+        idle_timeout=_number(env, "IDLE_TIMEOUT", 10.0),
+        send_timeout=_number(env, "SEND_TIMEOUT", 60.0),
+        max_connections=int(_number(env, "MAX_CONNECTIONS", 0, kind=int, zero_ok=True)) or None,
+        max_downloads_per_client=int(_number(env, "MAX_DOWNLOADS_PER_CLIENT", 1000, kind=int, zero_ok=True)),
+        max_cold_images=int(_number(env, "MAX_COLD_IMAGES", 32, kind=int, zero_ok=True)),
     )

@@ -107,6 +107,18 @@ def test_cache_sizes_and_booleans_are_parsed():
         assert load_settings({"CACHE_MAX_BYTES": raw}).cache_max_bytes == expected, raw
 
 
+def test_serving_limits():
+    defaults = load_settings({})
+    assert (defaults.header_timeout, defaults.idle_timeout, defaults.send_timeout) == (10.0, 10.0, 60.0)
+    assert defaults.max_connections is None  # derived from the file-descriptor limit at start-up
+    assert (defaults.max_downloads_per_client, defaults.max_cold_images) == (1000, 32)
+    s = load_settings({"HEADER_TIMEOUT": "2.5", "IDLE_TIMEOUT": "3", "SEND_TIMEOUT": "30", "MAX_CONNECTIONS": "500",
+                       "MAX_DOWNLOADS_PER_CLIENT": "0", "MAX_COLD_IMAGES": "4"})
+    assert (s.header_timeout, s.idle_timeout, s.send_timeout) == (2.5, 3.0, 30.0)
+    assert (s.max_connections, s.max_downloads_per_client, s.max_cold_images) == (500, 0, 4)
+    assert load_settings({"MAX_CONNECTIONS": "0"}).max_connections is None
+
+
 @pytest.mark.parametrize("mode", ["optional", "required", "off", "OFF"])
 def test_client_auth_mode_ignores_case(mode):
     assert load_settings({"REGISTRY_CLIENT_AUTH": mode}).registry_client_auth == mode.lower()
@@ -159,6 +171,12 @@ def test_registry_auth_url_unset_means_discover_and_empty_means_none():
     ({"CACHE_MAX_BYTES": "lots"}, "CACHE_MAX_BYTES"),
     ({"CACHE_MAX_BYTES": "-5G"}, "CACHE_MAX_BYTES"),
     ({"CACHE_MAX_BYTES": "1e400"}, "CACHE_MAX_BYTES"),
+    ({"HEADER_TIMEOUT": "0"}, "HEADER_TIMEOUT"),
+    ({"IDLE_TIMEOUT": "-1"}, "IDLE_TIMEOUT"),
+    ({"SEND_TIMEOUT": "inf"}, "SEND_TIMEOUT"),
+    ({"MAX_CONNECTIONS": "many"}, "MAX_CONNECTIONS"),
+    ({"MAX_DOWNLOADS_PER_CLIENT": "-3"}, "MAX_DOWNLOADS_PER_CLIENT"),
+    ({"MAX_COLD_IMAGES": "2.5"}, "MAX_COLD_IMAGES"),
 ], ids=lambda value: "|".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None)
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(SettingsError) as info:
