@@ -11,12 +11,14 @@ import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from docker_http_passthrough.api.download_routes import download, job_status, prewarm
 from docker_http_passthrough.api.early_stream import SizeGuesses
 from docker_http_passthrough.api.embedded_preparer import EmbeddedPreparer
+from docker_http_passthrough.api.http_errors import EXCEPTION_HANDLERS
+from docker_http_passthrough.api.limits import ClientDownloads, ColdImages, PerClientDownloads
 from docker_http_passthrough.api.observability import TelemetryMiddleware, metrics
 from docker_http_passthrough.api.page import index, info
 from docker_http_passthrough.api.queue_preparer import QueuePreparer
@@ -45,6 +47,11 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
+async def download_or_prewarm(request: Request) -> Response:
+    """One route per path, so a 405 names every method the path takes."""
+    return await (prewarm(request) if request.method == "POST" else download(request))
+
+
 DOWNLOAD_PATHS = (
     "/docker/{filename}",
     "/registry/{scheme}/{host}/docker/{filename}",
@@ -67,6 +74,7 @@ def create_app(settings: Settings) -> Starlette:
             app.state.default_target = target_from_settings(settings)
             app.state.error_cache = ErrorCache(settings.error_cache_seconds)
             app.state.size_guesses = SizeGuesses()
+            app.state.cold_images = ColdImages(settings.max_cold_images)
             if settings.two_tier:
                 if not settings.credentials_key:
                     log.warning("CREDENTIALS_KEY is not set: requests with client credentials will get 503 in "
@@ -86,7 +94,11 @@ def create_app(settings: Settings) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/status/{job_id}", job_status, methods=["GET"]),
     ]
+    per_client = [Middleware(PerClientDownloads, downloads=ClientDownloads(settings.max_downloads_per_client))]
     for path in DOWNLOAD_PATHS:
-        routes += [Route(path, download, methods=["GET", "HEAD"]), Route(path, prewarm, methods=["POST"])]
+        routes.append(Route(path, download_or_prewarm, methods=["GET", "HEAD", "POST"], middleware=per_client))
     routes.append(Route("/metrics", metrics, methods=["GET"]))
-    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(TelemetryMiddleware)])
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(TelemetryMiddleware)],
+                    exception_handlers=EXCEPTION_HANDLERS)
+    app.router.redirect_slashes = False  # a device follows no redirect: a trailing slash is a JSON 404
+    return app

@@ -37,8 +37,8 @@ log = logging.getLogger("docker_http_passthrough.api")
 
 
 def error_response(exc: PassthroughError, *, challenge: bool = False) -> JSONResponse:
-    headers = {"WWW-Authenticate": CHALLENGE} if challenge else None
-    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+    headers = {"WWW-Authenticate": CHALLENGE} if challenge else {}
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers={**headers, **exc.headers()})
 
 
 def refusal_response(exc: PassthroughError, wanted: ImageRequest | None, may_challenge: bool) -> JSONResponse:
@@ -84,6 +84,7 @@ async def download(request: Request) -> Response:
                            "dhp.job.id": job_id_for(resolution.key)})
         _note(request, digest=resolution.digest, cache_hit=cached)
         if record is None:
+            await state.cold_images.admit(resolution.key, state.store, state.preparer)
             record = await _prepared_within_grace(request, wanted, resolution)
         if record is None:
             early = await _early_response(request, wanted, resolution, name)
@@ -162,6 +163,7 @@ async def prewarm(request: Request) -> Response:
             job_id = job_id_for(resolution.key)
             status, body = 200, {"state": "done"}
         else:
+            await state.cold_images.admit(resolution.key, state.store, state.preparer)
             job_id = await state.preparer.start(_spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
             status, body = 202, (await state.preparer.status(job_id)) or {"state": "queued"}
     except PassthroughError as exc:
@@ -187,7 +189,10 @@ def archive_response(request: Request, plan: ArchivePlan, record: ImageRecord, f
     try:
         wanted = requested_range(request.headers.get("range"), request.headers.get("if-range"), etag, plan.size)
     except UnsatisfiableRange:
-        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{plan.size}"})
+        refusal = PassthroughError(f"the requested range is outside the archive ({plan.size} bytes)", status=416,
+                                   code="range_not_satisfiable")
+        return JSONResponse(refusal.to_dict(), status_code=416, headers={
+            "Content-Range": f"bytes */{plan.size}", "Accept-Ranges": "bytes", "ETag": etag})
     start, end = wanted or (0, plan.size)
     status = 200
     if wanted is not None:

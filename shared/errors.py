@@ -25,6 +25,10 @@ class PassthroughError(Exception):
     def to_dict(self) -> dict:
         return {"error": self.code, "status": self.status, "message": self.message}
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer needs besides the JSON body."""
+        return {}
+
     @classmethod
     def from_dict(cls, data: dict) -> "PassthroughError":
         return cls(str(data.get("message", "preparation failed")), status=int(data.get("status", 502)),
@@ -76,3 +80,14 @@ def failure_of(exc: BaseException) -> PassthroughError:
     if isinstance(exc, PassthroughError):
         return exc
     return PreparationFailed(f"preparing the image failed: {type(exc).__name__}: {exc}")
+
+
+class TooManyRequests(PassthroughError, status=429, code="too_many_requests"):
+    """A cap on what one client, or all clients together, may have in progress; retry after `retry_after` s."""
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}

@@ -4,6 +4,7 @@ layer list of an image config."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from docker_http_passthrough.shared.errors import InvalidContent, NotFound, Unsupported
@@ -56,21 +57,43 @@ def check_supported(media_type: str) -> None:
         raise Unsupported(f"unsupported manifest media type {media_type!r}")
 
 
+# OCI digest grammar: algorithm ":" encoded; the store keeps sha256 only.
+_DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+
+
 def _load(data: bytes) -> dict:
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[…" nested deeper than the parser goes
         raise InvalidContent("the registry sent a manifest that is not valid JSON") from None
     if not isinstance(doc, dict):
         raise InvalidContent("the registry sent a manifest that is not a JSON object")
     return doc
 
 
+def _list(doc: dict, field: str) -> list:
+    value = doc.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidContent(f"the manifest's {field!r} is not a list")
+    return value
+
+
 def _descriptor(raw: object) -> Descriptor:
-    try:
-        return Descriptor(str(raw["mediaType"]), str(raw["digest"]), int(raw["size"]))  # type: ignore[index]
-    except (KeyError, TypeError, ValueError):
-        raise InvalidContent("the manifest has a descriptor without mediaType, digest or size") from None
+    if not isinstance(raw, dict):
+        raise InvalidContent("the manifest has a descriptor that is not a JSON object")
+    media_type, digest, size = raw.get("mediaType"), raw.get("digest"), raw.get("size")
+    if not isinstance(media_type, str) or not isinstance(digest, str) or type(size) is not int:
+        raise InvalidContent("the manifest has a descriptor without mediaType, digest or size")
+    if size < 0:
+        raise InvalidContent(f"the manifest gives {digest[:80]!r} a negative size")
+    if not _SHA256.fullmatch(digest):
+        if _DIGEST.fullmatch(digest):
+            raise Unsupported(f"digest {digest[:80]!r}: only sha256 digests are supported")
+        raise InvalidContent(f"the manifest has a malformed digest {digest[:80]!r}")
+    return Descriptor(media_type, digest, size)
 
 
 def media_type_of(data: bytes, fallback: str) -> str:
@@ -85,10 +108,10 @@ def parse_image_manifest(data: bytes) -> ImageManifest:
         check_supported(SCHEMA1[0])
     if "manifests" in doc:
         raise InvalidContent("expected an image manifest but got an index")
-    layers = tuple(_descriptor(layer) for layer in doc.get("layers") or ())
+    layers = tuple(_descriptor(layer) for layer in _list(doc, "layers"))
     for layer in layers:
         if layer.media_type not in GZIP_LAYERS | PLAIN_LAYERS:
-            raise Unsupported(f"layer {layer.digest} has media type {layer.media_type!r}; "
+            raise Unsupported(f"layer {layer.digest} has media type {layer.media_type[:100]!r}; "
                               "only gzip and uncompressed tar layers are supported")
     return ImageManifest(config=_descriptor(doc.get("config")), layers=layers)
 
@@ -108,14 +131,19 @@ def select_platform(index: bytes, platform: str) -> Descriptor:
     want_os, want_arch, *rest = platform.split("/")
     want_variant = rest[0] if rest else None
     offered = []
-    for entry in _load(index).get("manifests") or ():
-        if (entry.get("annotations") or {}).get(REFERENCE_TYPE):
+    for entry in _list(_load(index), "manifests"):
+        if not isinstance(entry, dict):
+            raise InvalidContent("the index has an entry that is not a JSON object")
+        annotations = entry.get("annotations")
+        if isinstance(annotations, dict) and annotations.get(REFERENCE_TYPE):
             continue  # BuildKit's attestations (platform unknown/unknown) describe an image; they are none
-        plat = entry.get("platform") or {}
-        offered.append("/".join(p for p in (plat.get("os"), plat.get("architecture"), plat.get("variant")) if p))
+        plat = entry.get("platform") if isinstance(entry.get("platform"), dict) else {}
+        offered.append("/".join(str(p) for p in (plat.get("os"), plat.get("architecture"), plat.get("variant")) if p))
         if plat.get("os") == want_os and plat.get("architecture") == want_arch and (
             want_variant is None or plat.get("variant") == want_variant
         ):
             return _descriptor(entry)
-    raise NotFound(f"the image has no {platform} variant (offered: {', '.join(offered) or 'none'})",
+    listed = ", ".join(offered) or "none"
+    listed = listed if len(listed) <= 300 else listed[:300] + "…"
+    raise NotFound(f"the image has no {platform} variant (offered: {listed})",
                    code="platform_not_found")

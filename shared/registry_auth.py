@@ -19,10 +19,17 @@ Challenge = tuple[str, dict[str, str]]  # ("bearer" | "basic" | "", parameters)
 TokenKey = tuple[str, str, str, str]  # (realm, service, scope, identity of the credentials)
 
 
+# RFC 9110 auth-param: token BWS "=" BWS ( token / quoted-string ), quoted-pairs unescaped.
+_AUTH_PARAM = re.compile(r'([!#$%&\'*+.^_`|~0-9A-Za-z-]+)[ \t]*=[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))', re.S)
+_QUOTED_PAIR = re.compile(r"\\(.)", re.S)
+
+
 def parse_challenge(header: str) -> Challenge:
-    """`Bearer realm="…",service="…"` → ("bearer", {realm, service, …})."""
+    """`Bearer realm="…",service="…"` → ("bearer", {realm, service, …}); never raises."""
     scheme, _, rest = header.strip().partition(" ")
-    params = {k.lower(): v for k, v in re.findall(r'(\w+)="([^"]*)"', rest)}
+    params = {}
+    for name, quoted, token in _AUTH_PARAM.findall(rest):
+        params[name.lower()] = _QUOTED_PAIR.sub(r"\1", quoted) if quoted or not token else token
     return scheme.lower(), params
 
 

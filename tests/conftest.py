@@ -24,3 +24,15 @@ def _fresh_session_registry_proxy(request):
 def anyio_backend() -> str:
     """Async tests (@pytest.mark.anyio) run on asyncio, like the server."""
     return "asyncio"
+
+
+# Property-based tests (hypothesis): the same bounded, derandomized examples in every CI run; HYPOTHESIS_PROFILE=dev
+# searches wider with fresh random examples (and remembers failures in .hypothesis/).
+import os  # noqa: E402
+
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("ci", max_examples=150, derandomize=True, deadline=None, database=None,
+                                      print_blob=True)
+_hypothesis_settings.register_profile("dev", max_examples=2000, deadline=None)
+_hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
