@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import socket
+import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,6 +45,8 @@ MAX_HEADER_BYTES = 32 << 10
 # Seconds a client is told to wait when the connection cap turns it away.
 OVERLOAD_RETRY_AFTER = 10
 HEALTH_PATH = "/health"
+# Offset of tcpi_bytes_acked (u64) in Linux's struct tcp_info (since 4.1).
+TCPI_BYTES_ACKED = 120
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,34 @@ class _WaitingRoom:
 _rooms: WeakKeyDictionary[Any, _WaitingRoom] = WeakKeyDictionary()
 
 
+class QuietRepeats(logging.Filter):
+    """uvicorn warns once per malformed request: a hostile client would fill the log. One line per 10 s each,
+    with how many were left out; and no advice to install a WebSocket library (we serve none on purpose)."""
+
+    REPEATED = ("Invalid HTTP request received.", "Unsupported upgrade request.")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[str, float] = {}
+        self.dropped: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg if isinstance(record.msg, str) else ""
+        if message.startswith("No supported WebSocket library"):
+            return False
+        if message not in self.REPEATED:
+            return True
+        now = time.monotonic()
+        if now - self.last.get(message, -1e9) < 10:
+            self.dropped[message] = self.dropped.get(message, 0) + 1
+            return False
+        self.last[message] = now
+        dropped = self.dropped.pop(message, 0)
+        if dropped:
+            record.msg = f"{message} ({dropped} more in the last 10 s not logged)"
+        return True
+
+
 class _HealthOnly:
     """The app for a connection admitted past the cap: /health as usual, anything else a 503 it may retry."""
 
@@ -152,9 +184,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self.header_timer: Any = None
         self.header_bytes = 0  # of the request being read, until its headers are complete
         self.closed_by_us = False
+        self.oversized = False
         self.send_timer: Any = None
         self.resumes = 0  # times the client drained the write buffer: progress
-        self.progress_mark = (0, 0)
+        self.progress_mark = (0, 0, 0)
 
     # -- admission -------------------------------------------------------------------------------------------
 
@@ -209,11 +242,15 @@ class GuardedProtocol(HttpToolsProtocol):
             self.header_bytes += len(data)
         super().data_received(data)
         if waiting and self in self.room.queue and self.header_bytes > self.limits.max_header_bytes:
-            self._answer(431, "headers_too_large",
-                         f"the request line and headers are larger than {self.limits.max_header_bytes} bytes")
+            self.oversized = True  # and still incomplete: llhttp would buffer a header line of any length
+            self.send_400_response("")
 
     def on_headers_complete(self) -> None:
         self._request_arrived()
+        if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > \
+                self.limits.max_header_bytes:
+            self.oversized = True
+            raise ValueError("headers too large")  # the parser stops; send_400_response answers 431
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
@@ -239,7 +276,11 @@ class GuardedProtocol(HttpToolsProtocol):
         self._close()
 
     def send_400_response(self, msg: str) -> None:
-        self._answer(400, "bad_request", "the request is not valid HTTP/1.1 (request line or headers malformed)")
+        if self.oversized:
+            self._answer(431, "headers_too_large",
+                         f"the request line and headers are larger than {self.limits.max_header_bytes} bytes")
+        else:
+            self._answer(400, "bad_request", "the request is not valid HTTP/1.1 (request line or headers malformed)")
 
     # -- a response the client does not read -----------------------------------------------------------------
 
@@ -252,16 +293,27 @@ class GuardedProtocol(HttpToolsProtocol):
         super().resume_writing()
         self.resumes += 1
 
+    def _progress(self) -> tuple[int, int, int]:
+        """(times drained, -bytes still in our buffer, bytes the peer acknowledged): any rise is progress. The
+        kernel's send buffer (megabytes) takes our bytes back only once half of it is free, so for a slow reader
+        the acknowledged count (TCP_INFO) is what moves; where it is unknown, the other two still tell."""
+        acked = 0
+        try:
+            info = self.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+            acked = struct.unpack_from("Q", info, TCPI_BYTES_ACKED)[0]
+        except (AttributeError, OSError, struct.error):
+            pass
+        return self.resumes, -self.transport.get_write_buffer_size(), acked
+
     def _arm_send_timer(self) -> None:
-        self.progress_mark = (self.resumes, self.transport.get_write_buffer_size())
+        self.progress_mark = self._progress()
         self.send_timer = self.loop.call_later(self.limits.send_timeout, self._check_sending)
 
     def _check_sending(self) -> None:
         self.send_timer = None
         if self.transport.is_closing() or not self.flow.write_paused:
             return
-        resumes, unsent = self.progress_mark
-        if self.resumes != resumes or self.transport.get_write_buffer_size() < unsent:
+        if any(now > before for now, before in zip(self._progress(), self.progress_mark)):
             self._arm_send_timer()
             return
         log.info("closing the connection of %s: it read nothing of its response for SEND_TIMEOUT=%gs",

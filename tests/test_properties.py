@@ -40,11 +40,14 @@ filename_text = st.one_of(
     st.from_regex(r"[a-zA-Z0-9_.\-/]{0,60}\.tar", fullmatch=True),
     st.from_regex(r"([a-z0-9]{1,8}(_|__|-|\.)){0,6}[a-z0-9]{1,8}_[A-Za-z0-9_.\-]{1,12}\.tar", fullmatch=True),
 )
-components = st.from_regex(COMPONENT, fullmatch=True).filter(lambda c: len(c) <= 40)
+ALNUM = st.text(alphabet=string.ascii_lowercase + string.digits, min_size=1, max_size=6)
+components = st.builds(lambda first, rest: first + "".join(sep + run for sep, run in rest), ALNUM,
+                       st.lists(st.tuples(st.sampled_from([".", "_", "__", "-", "--"]), ALNUM), max_size=3))
 images = st.builds(
     ImageName,
     repository=st.lists(components, min_size=1, max_size=4).map("/".join).filter(lambda r: len(r) <= NAME_MAX),
-    tag=st.from_regex(TAG, fullmatch=True),
+    tag=st.text(alphabet=string.ascii_letters + string.digits + "_.-", min_size=1, max_size=20).filter(
+        lambda t: TAG.fullmatch(t) is not None),
 )
 
 

@@ -261,6 +261,8 @@ class _ProjectProcess:
 
     # Overridable so the plumbing itself can be tested against a stub module.
     module = "docker_http_passthrough"
+    # Run in the child before exec (e.g. to give it other resource limits).
+    preexec_fn: Callable[[], None] | None = None
     proc: subprocess.Popen
     log_path: Path
 
@@ -292,6 +294,7 @@ class _ProjectProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # lets kill()/stop() reach everything it forks
+                preexec_fn=self.preexec_fn,
             )
 
 
