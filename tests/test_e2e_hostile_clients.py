@@ -22,10 +22,9 @@ import httpx
 import pytest
 
 from tests.support.faults import BackgroundGet, assert_complete_tar, wait_until
-from tests.support.flood import Flood
+from tests.support.flood import FdLimitedServer, Flood
 from tests.support.images import make_layer
 from tests.support.rawhttp import RawResult, SlowReader, exchange, fd_limits, open_fds, request_bytes
-from tests.support.services import ServerProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -121,14 +120,6 @@ def test_every_error_the_server_makes_is_json(stack, registry, unique_repo):
 
 
 # --------------------------------------------------------------------------- slow and idle clients
-
-
-class FdLimitedServer(ServerProcess):
-    """The server started with other file-descriptor limits (soft, hard)."""
-
-    def __init__(self, env, log_path, nofile: tuple[int, int]):
-        self.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
-        super().__init__(env, log_path)
 
 
 def test_fd_limit_is_raised_at_start_and_the_connection_cap_follows_it(tmp_path):

@@ -2,17 +2,23 @@
 
 ``Flood(address, idle=N, slow=M)`` opens N connections that never send a byte and M that send a request one
 byte every ``interval`` seconds (slowloris), and watches them all in one thread (epoll): when the server closed
-each, and what it answered before closing, if anything.
+each, and what it answered before closing, if anything. ``FdLimitedServer`` is the server held to a given
+file-descriptor limit, as in a small container.
 """
 
 from __future__ import annotations
 
+import resource
 import selectors
 import socket
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from tests.support.services import ServerProcess
 
 # Never completes: the header value grows one byte per drip.
 SLOW_REQUEST = b"GET /health HTTP/1.1\r\nHost: flood\r\nX-Slow: "
@@ -121,3 +127,11 @@ class Flood:
         for held in self.held:
             held.sock.close()
         self._selector.close()
+
+
+class FdLimitedServer(ServerProcess):
+    """The server started with other file-descriptor limits (soft, hard)."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, nofile: tuple[int, int]):
+        self.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+        super().__init__(env, log_path)
