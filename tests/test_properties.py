@@ -153,7 +153,9 @@ platforms = st.fixed_dictionaries({}, optional={
 descriptors = st.fixed_dictionaries({}, optional={
     "mediaType": media_types, "digest": digests | json_values,
     "size": st.integers(min_value=-5, max_value=1 << 40) | json_values,
-    "platform": platforms | json_values})
+    "platform": platforms | json_values,
+    "annotations": st.dictionaries(st.sampled_from([mf.REFERENCE_TYPE, "org.opencontainers.x"]), json_values)
+    | json_values})
 documents = st.fixed_dictionaries({}, optional={
     "schemaVersion": st.sampled_from([1, 2]) | json_values, "mediaType": media_types,
     "config": descriptors | json_values, "layers": st.lists(descriptors, max_size=4) | json_values,

@@ -12,7 +12,7 @@ from docker_http_passthrough.shared.settings import Settings, SettingsError, loa
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # README's "default" column, where it names no literal value, in the words it uses for what Settings holds.
-_WORDS = {"—": None, "discovered": None, "unbounded": 0, "host of `REGISTRY_URL`": ""}
+_WORDS = {"—": None, "discovered": None, "unbounded": 0, "host of `REGISTRY_URL`": "", "from the fd limit": None}
 
 
 def _documented_defaults() -> dict[str, str]:

@@ -7,6 +7,8 @@
 - ``services``, ``service_fixtures``: redis-server, dockerd, the project's server and workers, the ``stack`` fixture.
 - ``images``, ``pushing``: test images built in memory and pushed; ``sha()``.
 - ``downloads``, ``faults``: download like a switch and check what came back.
+- ``rawhttp``, ``flood``, ``fuzz``: hostile clients over bare sockets (malformed, slow, idle, fuzzed requests),
+  a server held to few file descriptors, and the server's memory and descriptors from /proc.
 - ``fake_registry``: an in-memory registry behind httpx.MockTransport for unit tests.
 - ``asgi``, ``spans``: the app in this process, spans in memory; ``otlp_receiver``: a real OTLP collector.
 - ``testdata``, ``make_testdata``: the fixture files in testdata/ and how they were made.
