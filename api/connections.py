@@ -155,6 +155,13 @@ class QuietRepeats(logging.Filter):
         return True
 
 
+def _quiet_uvicorn_once() -> None:
+    """Per process (uvicorn's `--workers` start fresh processes, without the parent's log filters)."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, QuietRepeats) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(QuietRepeats())
+
+
 class _HealthOnly:
     """The app for a connection admitted past the cap: /health as usual, anything else a 503 it may retry."""
 
@@ -180,7 +187,10 @@ class GuardedProtocol(HttpToolsProtocol):
                  limits: ConnectionLimits):
         super().__init__(config, server_state, app_state, _loop)
         self.limits = limits
-        self.room = _rooms.setdefault(server_state, _WaitingRoom())
+        self.room = _rooms.get(server_state)
+        if self.room is None:  # the first connection of this server (so of this process)
+            self.room = _rooms[server_state] = _WaitingRoom()
+            _quiet_uvicorn_once()
         self.header_timer: Any = None
         self.header_bytes = 0  # of the request being read, until its headers are complete
         self.closed_by_us = False

@@ -9,7 +9,7 @@ import logging
 import uvicorn
 
 from docker_http_passthrough.api.app import create_app
-from docker_http_passthrough.api.connections import GuardedProtocol, QuietRepeats, limits_from, raise_fd_limit
+from docker_http_passthrough.api.connections import GuardedProtocol, limits_from, raise_fd_limit
 from docker_http_passthrough.shared.settings import Settings
 
 log = logging.getLogger("docker_http_passthrough.api")
@@ -26,7 +26,6 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 
 def run(settings: Settings, host: str, port: int) -> None:
     limit_malloc_arenas()
-    logging.getLogger("uvicorn.error").addFilter(QuietRepeats())
     limits = limits_from(settings, raise_fd_limit())
     log.info("connections: at most %d per process (MAX_CONNECTIONS%s); HEADER_TIMEOUT=%gs IDLE_TIMEOUT=%gs "
              "SEND_TIMEOUT=%gs", limits.max_connections, "" if settings.max_connections else ", from the fd limit",

@@ -77,3 +77,7 @@ def test_fuzzed_requests_get_clean_answers_and_the_server_stays_healthy(stack, r
     assert watch.slowest < 5, f"/health took {watch.slowest:.1f}s during the fuzz"
     assert httpx.get(f"{running.url}/health", timeout=5).status_code == 200
     assert peak < MEMORY_BOUND_MIB * 1024, f"peak resident memory {peak // 1024} MiB (now {resident // 1024} MiB)"
+    # A flood of malformed requests is one warning per 10 s in the log, not one each.
+    log = running.logs()
+    assert log.count("Invalid HTTP request received.") <= 1 + report.seconds / 10, report.statuses[400]
+    assert "No supported WebSocket library" not in log

@@ -185,6 +185,26 @@ def test_slow_and_idle_clients_are_cut_while_health_and_downloads_go_on(stack, r
     assert "connection cap MAX_CONNECTIONS=60 reached" in log and "Too many open files" not in log
 
 
+def test_past_the_cap_with_every_connection_busy_only_health_is_served(stack, registry, unique_repo):
+    registry.push_image(unique_repo, "v1", [make_layer({"f.bin": os.urandom(600_000)})])
+    running = stack("embedded", env={**BASE_ENV, "REGISTRY_URL": registry.url, "PREPARE_GRACE": "0",
+                                     "MAX_CONNECTIONS": "3"})
+    address = ("127.0.0.1", running.server.port)
+    url = f"{running.url}/docker/{filename_for(unique_repo, 'v1')}"
+    registry.proxy.throttle_bytes_per_second = 150_000  # the three downloads wait a few seconds for it
+    busy = [BackgroundGet(url, timeout=60) for _ in range(3)]
+    assert wait_until(lambda: registry.proxy.count("GET", kind="blob") >= 1, timeout=15)
+    time.sleep(0.3)
+
+    health = exchange(address, request_bytes("GET", "/health"))
+    assert health.status == 200 and health.json()["status"] == "ok"
+    refused = exchange(address, request_bytes("GET", "/docker/other_v1.tar"))
+    body = assert_raw_json_error(refused, 503, error="overloaded")
+    assert refused.headers["retry-after"] == "10" and "MAX_CONNECTIONS=3" in body["message"]
+    for download in busy:  # never shed: they had a request in progress
+        assert_complete_tar(download.join(timeout=60))
+
+
 def test_a_response_nobody_reads_is_cut_after_send_timeout(stack, registry, unique_repo):
     registry.push_image(unique_repo, "v1", [make_layer({"big.bin": bytes(range(256)) * 24_000})])  # ~6 MB
     running = stack("embedded", env={**BASE_ENV, "REGISTRY_URL": registry.url, "SEND_TIMEOUT": "2"})
