@@ -147,29 +147,6 @@ def parse_filename(
     return ImageName(repository=repository, tag=tag)
 
 
-def filename_for(image: ImageName) -> str:
-    """The download filename that names ``image`` (``parse_filename`` gives it back, on a registry without
-    Docker Hub's ``library/`` rule and without a default namespace).
-
-    Raises FilenameError (rule ``unrepresentable``) for what the scheme cannot name: a tag with ``_``, a
-    component with ``__``, or a one-component name with ``_``.
-    """
-    components = image.repository.split("/")
-    if "_" in image.tag:
-        raise FilenameError("unrepresentable", f'a tag with "_" cannot be named in a filename: "{image.tag}"')
-    if any("__" in component for component in components):
-        raise FilenameError("unrepresentable", f'a repository component with "__" cannot be named in a filename: '
-                                               f'"{image.repository}"')
-    if len(components) == 1 and "_" in components[0]:
-        raise FilenameError("unrepresentable", f'a one-component name with "_" cannot be named in a filename: '
-                                               f'"{image.repository}"')
-    if len(components) == 2 and "_" not in image.repository:
-        path = "_".join(components)  # the short form: myrepo_myimage
-    else:
-        path = "__".join(components)
-    return f"{path}_{image.tag}{EXTENSION}"
-
-
 def repo_tag(image: ImageName, *, registry_host: str | None) -> str:
     """The RepoTags entry for manifest.json, named as ``docker pull`` would name it.
 
