@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import contextlib
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -16,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import bench
-from bench.harness import Bench
+from bench.harness import PHASES, Bench
 from bench.report import NGINX, Report, machine_facts, say
+
+
+FD_LIMIT = 65536
 
 
 def parse_args() -> argparse.Namespace:
@@ -30,6 +35,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, help="concurrent clients in the two-tier run (default 100; 20 quick)")
     parser.add_argument("--slow-clients", type=int, help="slow clients (default 200; 50 quick)")
     parser.add_argument("--slow-seconds", type=float, help="slow-client phase length (default 60; 10 quick)")
+    parser.add_argument("--fast-clients", type=int, help="warm clients at once against ours and nginx (default 100; "
+                        "20 quick)")
+    parser.add_argument("--fast-runs", type=int, help="repetitions of each fast-clients batch, each side (default 3; 1 "
+                        "quick)")
+    parser.add_argument("--thousand", type=int, help="slow clients at once against ours and nginx (default 1000; "
+                        "200 quick)")
+    parser.add_argument("--thousand-seconds", type=float, help="their phase length (default 60; 10 quick)")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                        help="run only these phases (default: all); the warm ones start from one cold download")
     parser.add_argument("--time-limit", type=float, help="give up after this many seconds (default 2400; 600 quick)")
     parser.add_argument("--profile", metavar="DIR", help="record py-spy profiles of the API (if py-spy is installed)")
     parser.add_argument("--grace", type=float, help="PREPARE_GRACE for the servers (default 20; 1 quick)")
@@ -101,8 +115,20 @@ def print_summary(report: Report, facts: list[tuple[str, str]], quick: bool, sec
     print(f"{passed} targets met, {failed} missed; {len(report.errors)} errors")
 
 
+def raise_fd_limit() -> None:
+    """A thousand clients, and the servers they talk to (children inherit the limit): as root the hard limit too."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, FD_LIMIT)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+        return
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main() -> int:
     args = parse_args()
+    raise_fd_limit()
     # Loopback only: never let an environment proxy see (or route) our traffic.
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         os.environ.pop(name, None)

@@ -1,14 +1,17 @@
-"""Benchmark clients: curl for single downloads, and many asyncio raw-socket clients on one event loop (uvloop),
-each timing its headers and checking its body's crc32 (and sha256), optionally paced like a slow switch."""
+"""Benchmark clients: curl (one download, or many curl processes at once), and many asyncio raw-socket clients on
+one event loop (uvloop) or spread over several processes, each timing its headers, checking its body's crc32 (and
+sha256), and noting the longest it waited for bytes it wanted; optionally paced like a slow switch."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import multiprocessing
 import socket
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,14 +28,52 @@ class Curl:
     size: int
 
 
-def curl(url: str, out: str = "/dev/null", timeout: float = 600) -> Curl:
-    cmd = ["curl", "-s", "-S", "--noproxy", "*", "-o", out, "--max-time", str(int(timeout)), "-w",
-           "%{speed_download} %{time_starttransfer} %{time_total} %{http_code} %{size_download}", url]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30, check=False)
-    fields = done.stdout.split()
-    if done.returncode != 0 or len(fields) != 5 or fields[3] != "200":
-        raise RuntimeError(f"curl {url} failed: exit {done.returncode}, {done.stdout!r} {done.stderr.strip()!r}")
+def _curl_command(url: str, out: str, timeout: float) -> list[str]:
+    return ["curl", "-s", "-S", "--noproxy", "*", "-o", out, "--max-time", str(int(timeout)), "-w",
+            "%{speed_download} %{time_starttransfer} %{time_total} %{http_code} %{size_download}", url]
+
+
+def _curl_result(url: str, returncode: int, stdout: str, stderr: str) -> Curl:
+    fields = stdout.split()
+    if returncode != 0 or len(fields) != 5 or fields[3] != "200":
+        raise RuntimeError(f"curl {url} failed: exit {returncode}, {stdout!r} {stderr.strip()!r}")
     return Curl(float(fields[0]), float(fields[1]), float(fields[2]), int(fields[4]))
+
+
+def curl(url: str, out: str = "/dev/null", timeout: float = 600) -> Curl:
+    done = subprocess.run(_curl_command(url, out, timeout), capture_output=True, text=True, timeout=timeout + 30,
+                          check=False)
+    return _curl_result(url, done.returncode, done.stdout, done.stderr)
+
+
+@dataclass
+class CurlFleet:
+    """``count`` curl processes started together: what each got, and the wall time from the first start to the
+    last exit."""
+
+    results: list[Curl]
+    errors: list[str]
+    seconds: float
+
+    @property
+    def received(self) -> int:
+        return sum(r.size for r in self.results)
+
+
+def curl_many(count: int, url: str, timeout: float = 600) -> CurlFleet:
+    started = time.monotonic()
+    procs = [subprocess.Popen(_curl_command(url, "/dev/null", timeout), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(count)]
+    results, errors = [], []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout + 30)
+            results.append(_curl_result(url, proc.returncode, out, err))
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            proc.kill()
+            proc.wait()
+            errors.append(str(exc))
+    return CurlFleet(results, errors, time.monotonic() - started)
 
 
 @dataclass
@@ -46,6 +87,7 @@ class Fetch:
     started: float = 0.0
     headers_at: float = 0.0
     done_at: float = 0.0
+    longest_wait: float = 0.0  # the longest the client waited for body bytes it was ready to take
     error: str | None = None
 
     @property
@@ -119,7 +161,9 @@ async def fetch(index: int, port: int, path: str, *, pace: float | None = None, 
                     await asyncio.sleep(min(0.1, -allowed / pace + 0.01))
                     continue
                 want = min(want, allowed)
+            asked = time.monotonic()
             got = await loop.sock_recv_into(sock, view[:want])
+            result.longest_wait = max(result.longest_wait, time.monotonic() - asked)
             if not got:
                 raise ConnectionError(f"closed after {result.received} of {result.content_length} bytes")
             result.crc32 = fastz.crc32(view[:got], result.crc32)
@@ -136,19 +180,23 @@ async def fetch(index: int, port: int, path: str, *, pace: float | None = None, 
     return result
 
 
-async def _fetch_all(count: int, port: int, path: str, timeout: float, sha_every: int, **kwargs: Any) -> list[Fetch]:
+async def _fetch_all(count: int, port: int, path: str, timeout: float, sha_every: int, first: int = 0,
+                     **kwargs: Any) -> list[Fetch]:
     async def one(i: int) -> Fetch:
         want_sha = bool(sha_every) and i % sha_every == 0
         try:
             return await asyncio.wait_for(fetch(i, port, path, want_sha=want_sha, **kwargs), timeout)
         except TimeoutError:
             return Fetch(i, error=f"no answer within {timeout:.0f}s")
-    return list(await asyncio.gather(*(one(i) for i in range(count))))
+    return list(await asyncio.gather(*(one(i) for i in range(first, first + count))))
 
 
-def fetch_all(count: int, port: int, path: str, timeout: float, sha_every: int = 0, **kwargs: Any) -> list[Fetch]:
+def fetch_all(count: int, port: int, path: str, timeout: float, sha_every: int = 0, start_at: float | None = None,
+              **kwargs: Any) -> list[Fetch]:
     """``count`` concurrent GETs on one event loop (uvloop when available, as the server uses); each computes
-    the crc32 of its body, every ``sha_every``-th also the sha256."""
+    the crc32 of its body, every ``sha_every``-th also the sha256. ``start_at``: a time.monotonic() to begin at."""
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.monotonic()))
     try:
         import uvloop
 
@@ -157,6 +205,19 @@ def fetch_all(count: int, port: int, path: str, timeout: float, sha_every: int =
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(_fetch_all(count, port, path, timeout, sha_every, **kwargs))
+
+
+def fetch_spread(count: int, processes: int, port: int, path: str, timeout: float, **kwargs: Any) -> list[Fetch]:
+    """``fetch_all`` split over ``processes`` client processes that start together (one event loop cannot take
+    in what a thousand clients or a multi-core server deliver)."""
+    if processes <= 1 or count < 2 * processes:
+        return fetch_all(count, port, path, timeout, **kwargs)
+    shares = [count // processes + (i < count % processes) for i in range(processes)]
+    start_at = time.monotonic() + 1.0 + 0.5 * processes  # time for the spawned interpreters to start
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(fetch_all, share, port, path, timeout, start_at=start_at, first=sum(shares[:i]),
+                               **kwargs) for i, share in enumerate(shares)]
+        return [fetch for future in futures for fetch in future.result()]
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -24,21 +24,24 @@ THROTTLE_BYTES_PER_SECOND = 20 * MB
 HEADER_SLACK = 1.0
 
 
-def single_client(bench: Bench, registry_url: str, image: Image) -> tuple[ServerProcess, Path, Reference]:
+def single_client(bench: Bench, registry_url: str, image: Image,
+                  report: bool = True) -> tuple[ServerProcess, Path, Reference]:
     """skopeo and a fresh embedded server, alternately, straight from the registry. Returns the last server (its
-    cache now holds the image) and the reference archive: the first download, layout and layers verified."""
-    plan, report = bench.plan, bench.report
+    cache now holds the image) and the reference archive: the first download, layout and layers verified.
+    Without ``report`` (only the warm phases wanted): one download of ours, no skopeo, no rows."""
+    plan, table = bench.plan, bench.report
     refdir = bench.work / "ref"
-    refdir.mkdir()
+    refdir.mkdir(exist_ok=True)
     skopeo = Skopeo(bench.work)
     skopeo_times: list[float] = []
     ours: list[tuple[Curl, RssSampler]] = []
     server = cache = reference = None
-    for attempt in range(plan.cold_runs):
-        out = bench.work / "skopeo.tar"
-        skopeo_times.append(skopeo.copy(registry_url, f"{image.repository}:{image.tag}", out))
-        say(f"cold {attempt + 1}/{plan.cold_runs}: skopeo {skopeo_times[-1]:.2f}s ({mib(out.stat().st_size)})")
-        out.unlink()
+    for attempt in range(plan.cold_runs if report else 1):
+        if report:
+            out = bench.work / "skopeo.tar"
+            skopeo_times.append(skopeo.copy(registry_url, f"{image.repository}:{image.tag}", out))
+            say(f"cold {attempt + 1}/{plan.cold_runs}: skopeo {skopeo_times[-1]:.2f}s ({mib(out.stat().st_size)})")
+            out.unlink()
 
         if server is not None:
             bench.stop_server(server, cache)
@@ -52,11 +55,20 @@ def single_client(bench: Bench, registry_url: str, image: Image) -> tuple[Server
         else:
             sha, _, size = hash_file(target)
             if (sha, size) != (reference.sha256, reference.size):
-                report.error(f"cold download {attempt + 1} differs from the first one")
+                table.error(f"cold download {attempt + 1} differs from the first one")
             target.unlink()
     assert server is not None and cache is not None and reference is not None
-    _report(bench, reference, [result for result, _ in ours], skopeo_times, [rss for _, rss in ours])
+    if report:
+        _report(bench, reference, [result for result, _ in ours], skopeo_times, [rss for _, rss in ours])
     return server, cache, reference
+
+
+def warm_reference(bench: Bench, server: ServerProcess, image: Image, name: str) -> Reference:
+    """Prepare ``image`` on ``server`` with one download, kept in the reference directory (nginx serves it from
+    there) after its layout and layers are checked."""
+    target = bench.work / "ref" / name
+    curl(f"{server.url}/docker/{image.filename}", str(target))
+    return make_reference(target, image)
 
 
 def _download(bench: Bench, server: ServerProcess, image: Image, target: Path, attempt: int) -> tuple[Curl, RssSampler]:
@@ -83,7 +95,7 @@ def _report(bench: Bench, reference: Reference, ours: list[Curl], skopeo_times: 
                      f"< {RSS_LIMIT_MIB} MiB", cold_peak < RSS_LIMIT_MIB * MiB)
 
 
-def throttled(bench: Bench, registry_url: str, image: Image, big_ref: Reference) -> None:
+def throttled(bench: Bench, registry_url: str, image: Image, big_ref: Reference | None) -> None:
     """A cold image through a registry paced to 20 MB/s per connection: headers after PREPARE_GRACE with the exact
     Content-Length, layers streamed as they verify, every byte right."""
     plan = bench.plan

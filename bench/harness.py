@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import cold, fleet, memory, warm
+from bench import cold, fleet, many, memory, warm
 from bench.images import make_image
 from bench.processes import Profiler, process_state
 from bench.report import Report, say
@@ -25,7 +25,8 @@ from tests.support.services import ServerProcess
 # One name for the registry in every server, whether it reaches it directly or through a proxy, so that all
 # of them put the same image tag into the archive and every download can be compared byte for byte.
 REGISTRY_NAME = "registry.bench.invalid:5000"
-
+# In the order they run. The warm ones (warm … thousand) share the server that the cold phase left warm.
+PHASES = ("cold", "warm", "slow", "many", "thousand", "throttled", "fleet")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class Plan:
     slow_clients: int
     slow_seconds: float
     throttled_mib: int
+    fast_clients: int
+    fast_runs: int
+    thousand: int
+    thousand_seconds: float
 
 
 class Bench:
@@ -57,13 +62,20 @@ class Bench:
             slow_clients=args.slow_clients or (50 if quick else 200),
             slow_seconds=args.slow_seconds or (10.0 if quick else 60.0),
             throttled_mib=min(128, big) if quick else big,
+            fast_clients=args.fast_clients or (20 if quick else 100),
+            fast_runs=args.fast_runs or (1 if quick else 3),
+            thousand=args.thousand or (200 if quick else 1000),
+            thousand_seconds=args.thousand_seconds or (10.0 if quick else 60.0),
         )
+        self.phases = set(args.phases)
         self.profiler = Profiler(Path(args.profile).resolve() if args.profile else None)
         # PREPARE_GRACE: after this long a cold GET gets its headers (exact Content-Length) and streams layers as
         # they verify. The throttled phase uses 1 s in --quick, so that its small image still takes that path.
         base_grace = args.grace if args.grace is not None else 20.0
         self.grace = args.grace if args.grace is not None else (1.0 if quick else 20.0)
-        self.server_env = {"LOG_LEVEL": "info", "REGISTRY_NAME": REGISTRY_NAME, "PREPARE_GRACE": f"{base_grace:g}"}
+        # Every client here is 127.0.0.1: the per-address download cap would count a fleet as one client.
+        self.server_env = {"LOG_LEVEL": "info", "REGISTRY_NAME": REGISTRY_NAME, "PREPARE_GRACE": f"{base_grace:g}",
+                           "MAX_DOWNLOADS_PER_CLIENT": "0"}
         for item in args.server_env or []:
             key, sep, value = item.partition("=")
             if not sep or not key:
@@ -117,7 +129,7 @@ class Bench:
         cache = self.work / f"cache-{name}"
         log = self.work / f"server-{name}.log"
         full = {"CACHE_DIR": str(cache), **self.server_env, **env}
-        server = ServerProcess(full, log)
+        server = ServerProcess(full, log, workers=None)  # the server's default: one process per CPU
         self.on_cleanup(server.stop)
         return server, cache
 
@@ -141,12 +153,24 @@ class Bench:
         say(f"registry {registry.url}")
         gen = self.work / "gen"
         gen.mkdir()
+        (self.work / "ref").mkdir()
         big = make_image(gen, registry.url, "bench/big", "v1", plan.big_mib, seed=1)
         mid = make_image(gen, registry.url, "bench/mid", "v1", plan.mid_mib, seed=2)
 
-        server, cache, ref_big = cold.single_client(self, registry.url, big)
-        warm.single_client(self, server, big, ref_big)
-        memory.slow_clients(self, server, big, ref_big)
-        self.stop_server(server, cache)
-        cold.throttled(self, registry.url, big, ref_big)
-        fleet.two_tier(self, registry.url, mid)
+        phases = self.phases
+        warm_phases = phases & {"warm", "slow", "many", "thousand"}
+        if "cold" in phases or warm_phases:
+            server, cache, ref_big = cold.single_client(self, registry.url, big, report="cold" in phases)
+            if "warm" in phases:
+                warm.single_client(self, server, big, ref_big)
+            if "slow" in phases:
+                memory.slow_clients(self, server, big, ref_big)
+            if "many" in phases:
+                many.fast_clients(self, server, mid, cold.warm_reference(self, server, mid, "mid-warm.tar"))
+            if "thousand" in phases:
+                many.thousand_slow(self, server, big, ref_big)
+            self.stop_server(server, cache)
+        if "throttled" in phases:
+            cold.throttled(self, registry.url, big, ref_big if "cold" in phases or warm_phases else None)
+        if "fleet" in phases:
+            fleet.two_tier(self, registry.url, mid)

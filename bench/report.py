@@ -15,6 +15,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 MB = 1_000_000
+GB = 1_000_000_000
 NGINX = "/usr/sbin/nginx"
 RSS_LIMIT_MIB = 200  # the target of every "API peak RSS" row
 
