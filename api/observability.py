@@ -9,13 +9,14 @@ import logging
 import time
 
 from opentelemetry.trace import INVALID_SPAN, SpanKind, Status, StatusCode
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from docker_http_passthrough.shared.metrics import BYTES_SERVED, CACHE, QUEUE_DEPTH, REQUESTS, STORE_BYTES
+from docker_http_passthrough.api.zero_copy import ZERO_COPY
+from docker_http_passthrough.shared.metrics import BYTES_SERVED, CACHE, QUEUE_DEPTH, REQUESTS, STORE_BYTES, exposition
 from docker_http_passthrough.shared.telemetry import current_trace_id, tracer
 
 log = logging.getLogger("docker_http_passthrough.access")
@@ -87,14 +88,17 @@ class _ResponseRecorder:
         self.finished = False  # the last body message went out (a client that hangs up never gets it)
 
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
+        kind = message["type"]
+        if kind == "http.response.start":
             self.status = message["status"]
             self.challenge = any(k.lower() == b"www-authenticate" for k, _ in message.get("headers", ()))
-        elif message["type"] == "http.response.body":
-            self.bytes += len(message.get("body", b""))
         await self._send(message)
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            self.finished = True
+        if kind == "http.response.body":
+            self.bytes += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                self.finished = True
+        elif kind == ZERO_COPY:
+            self.bytes += message["count"]
 
 
 class TelemetryMiddleware:
@@ -184,4 +188,4 @@ async def metrics(request: Request) -> Response:
         except Exception:  # Redis down: leave the last value, /health says why
             pass
     STORE_BYTES.set(state.store.layer_bytes())
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     serve = commands.add_parser("serve", help="run the HTTP API (embedded mode when REDIS_URL is not set)")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="API processes, each serving downloads (default: API_WORKERS, else one per usable CPU)")
     worker = commands.add_parser("worker", help="run a preparation worker (needs REDIS_URL)")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.add_argument("--name", default=None, help="worker name (default: RQ picks one)")
@@ -45,7 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         from docker_http_passthrough.api.server import run
 
-        run(settings, args.host, args.port)
+        if args.workers is not None and args.workers < 1:
+            parser.error("--workers must be at least 1")
+        raise SystemExit(run(settings, args.host, args.port, args.workers))
     else:
         from docker_http_passthrough.worker.main import run
 

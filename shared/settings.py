@@ -67,6 +67,10 @@ class Settings:
     max_downloads_per_client: int = 1000
     # Distinct images this process has started preparing and that are not done yet; 0: no limit.
     max_cold_images: int = 32
+    # API processes serving requests (`serve --workers`); None: one per usable CPU (affinity and cgroup quota).
+    api_workers: int | None = None
+    # Send layer bytes from the page cache with sendfile (zero-copy); false: read them and write them.
+    zero_copy: bool = True
 
     @property
     def two_tier(self) -> bool:
@@ -208,4 +212,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_connections=int(_number(env, "MAX_CONNECTIONS", 0, kind=int, zero_ok=True)) or None,
         max_downloads_per_client=int(_number(env, "MAX_DOWNLOADS_PER_CLIENT", 1000, kind=int, zero_ok=True)),
         max_cold_images=int(_number(env, "MAX_COLD_IMAGES", 32, kind=int, zero_ok=True)),
+        api_workers=_api_workers(env),
+        zero_copy=_flag(env, "ZERO_COPY", True),
     )
+
+
+def _api_workers(env: Mapping[str, str]) -> int | None:
+    """API_WORKERS, or WEB_CONCURRENCY as platforms (and uvicorn, gunicorn) name it; unset: decided at start."""
+    name = "API_WORKERS" if env.get("API_WORKERS") else "WEB_CONCURRENCY"
+    return int(_number(env, name, 0, kind=int)) or None

@@ -302,7 +302,8 @@ class ServerProcess(_ProjectProcess):
     """The HTTP server (`docker_http_passthrough serve`) on a free loopback port.
 
     ``env`` is merged over a minimal copy of os.environ; REDIS_URL, CACHE_DIR, ...
-    reach the server only when passed here.
+    reach the server only when passed here. ``workers``: API processes (API_WORKERS, unless ``env`` sets it);
+    tests run one unless they are about several, None leaves the server's default (one per CPU).
     """
 
     def __init__(
@@ -311,8 +312,11 @@ class ServerProcess(_ProjectProcess):
         log_path: Path,
         port: int | None = None,
         timeout: float = 30.0,
+        workers: int | None = 1,
     ) -> None:
         self.env = dict(env or {})
+        if workers is not None:
+            self.env.setdefault("API_WORKERS", str(workers))
         self.log_path = Path(log_path)
         fixed_port = port is not None
         for _attempt in range(1 if fixed_port else 3):
