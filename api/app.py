@@ -1,5 +1,6 @@
 """The starlette application: routes, and the parts each request uses, which the app owns for its lifetime:
-the store, `Registries` (connection pool and auth cache), the preparer, the error cache and the size guesses."""
+the store and the leases of its downloads, `Registries` (connection pool and auth cache), the preparer, the
+error cache, the registry lookups in flight, the plans of prepared images and the size guesses. Each API process (`serve --workers N`) has its own app, so its own of each."""
 
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from docker_http_passthrough.api.download_routes import download, job_status, prewarm
+from docker_http_passthrough.api.download_routes import Plans, download, job_status, prewarm
 from docker_http_passthrough.api.early_stream import SizeGuesses
 from docker_http_passthrough.api.embedded_preparer import EmbeddedPreparer
 from docker_http_passthrough.api.http_errors import EXCEPTION_HANDLERS
+from docker_http_passthrough.api.lease_book import LeaseBook
 from docker_http_passthrough.api.limits import ClientDownloads, ColdImages, PerClientDownloads
 from docker_http_passthrough.api.observability import TelemetryMiddleware, metrics
 from docker_http_passthrough.api.page import index, info
 from docker_http_passthrough.api.queue_preparer import QueuePreparer
-from docker_http_passthrough.api.resolution import ErrorCache
+from docker_http_passthrough.api.resolution import ErrorCache, SharedLookups
 from docker_http_passthrough.shared.registry import Registries, new_http_client
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import Store
@@ -63,16 +65,16 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         setup_tracing("api")
-        store = Store(settings.cache_dir)
-        swept = store.sweep_partials()
-        if swept:
-            log.info("removed %d partial files left by crashed writers", swept)
+        store = Store(settings.cache_dir)  # `serve` swept its partial files before the processes started
         async with Registries(new_http_client(settings)) as registries:
             app.state.settings = settings
             app.state.store = store
+            app.state.leases = LeaseBook(store)
+            app.state.plans = Plans()
             app.state.registries = registries
             app.state.default_target = target_from_settings(settings)
             app.state.error_cache = ErrorCache(settings.error_cache_seconds)
+            app.state.lookups = SharedLookups()
             app.state.size_guesses = SizeGuesses()
             app.state.cold_images = ColdImages(settings.max_cold_images)
             if settings.two_tier:
@@ -85,6 +87,7 @@ def create_app(settings: Settings) -> Starlette:
             try:
                 yield
             finally:
+                app.state.leases.close()
                 await app.state.preparer.close()
                 flush_tracing()
 

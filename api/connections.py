@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
+from docker_http_passthrough.api.zero_copy import ZERO_COPY, SocketSender, ZeroCopyCycle
 from docker_http_passthrough.shared.errors import PassthroughError
 from docker_http_passthrough.shared.settings import Settings
 
@@ -197,7 +198,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self.oversized = False
         self.send_timer: Any = None
         self.resumes = 0  # times the client drained the write buffer: progress
-        self.progress_mark = (0, 0, 0)
+        self.progress_mark = (0, 0, 0, 0)
+        self.sender: SocketSender | None = None  # zero-copy sends on this connection, once one happened
 
     # -- admission -------------------------------------------------------------------------------------------
 
@@ -261,7 +263,20 @@ class GuardedProtocol(HttpToolsProtocol):
                 self.limits.max_header_bytes:
             self.oversized = True
             raise ValueError("headers too large")  # the parser stops; send_400_response answers 431
+        self.scope["extensions"] = {ZERO_COPY: {}}  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
+        if type(self.cycle) is RequestResponseCycle:  # its task has not run yet: it sends through the subclass
+            self.cycle.__class__ = ZeroCopyCycle
+            self.cycle.protocol = self  # type: ignore[attr-defined]
+
+    def socket_sender(self) -> SocketSender:
+        if self.sender is None:
+            self.sender = SocketSender(self.transport, self.loop, self._sender_waits)
+        return self.sender
+
+    def _sender_waits(self) -> None:
+        if self.send_timer is None and self.limits.send_timeout:
+            self._arm_send_timer()
 
     def on_response_complete(self) -> None:
         cycle = self.cycle
@@ -303,17 +318,19 @@ class GuardedProtocol(HttpToolsProtocol):
         super().resume_writing()
         self.resumes += 1
 
-    def _progress(self) -> tuple[int, int, int]:
-        """(times drained, -bytes still in our buffer, bytes the peer acknowledged): any rise is progress. The
-        kernel's send buffer (megabytes) takes our bytes back only once half of it is free, so for a slow reader
-        the acknowledged count (TCP_INFO) is what moves; where it is unknown, the other two still tell."""
+    def _progress(self) -> tuple[int, int, int, int]:
+        """(times drained, -bytes still in our buffer, bytes sent with sendfile, bytes the peer acknowledged): any
+        rise is progress. The kernel's send buffer (megabytes) takes our bytes back only once half of it is free,
+        so for a slow reader the acknowledged count (TCP_INFO) is what moves; where it is unknown, the others
+        still tell."""
         acked = 0
         try:
             info = self.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
             acked = struct.unpack_from("Q", info, TCPI_BYTES_ACKED)[0]
         except (AttributeError, OSError, struct.error):
             pass
-        return self.resumes, -self.transport.get_write_buffer_size(), acked
+        return (self.resumes, -self.transport.get_write_buffer_size(), self.sender.sent if self.sender else 0,
+                acked)
 
     def _arm_send_timer(self) -> None:
         self.progress_mark = self._progress()
@@ -321,7 +338,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _check_sending(self) -> None:
         self.send_timer = None
-        if self.transport.is_closing() or not self.flow.write_paused:
+        if self.transport.is_closing() or not (self.flow.write_paused or (self.sender and self.sender.waiting)):
             return
         if any(now > before for now, before in zip(self._progress(), self.progress_mark)):
             self._arm_send_timer()
@@ -330,6 +347,8 @@ class GuardedProtocol(HttpToolsProtocol):
                  self.client[0] if self.client else "?", self.limits.send_timeout)
         self._mark_closed()
         self.transport.abort()
+        if self.sender is not None:
+            self.sender.close()  # its descriptor would keep the socket open
 
     # -- ending ----------------------------------------------------------------------------------------------
 
@@ -353,6 +372,8 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self.sender is not None:
+            self.sender.close()
         self._request_arrived()
         if self.send_timer is not None:
             self.send_timer.cancel()

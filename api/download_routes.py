@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from docker_http_passthrough.api.archive_headers import archive_headers
-from docker_http_passthrough.api.archive_stream import stream_archive
+from docker_http_passthrough.api.archive_stream import ArchiveResponse, stream_archive
 from docker_http_passthrough.api.client_auth import CHALLENGE
 from docker_http_passthrough.api.early_stream import EarlyGate, plan_before_ready
 from docker_http_passthrough.api.ranges import UnsatisfiableRange, requested_range
@@ -31,9 +32,30 @@ from docker_http_passthrough.shared.errors import Forbidden, PassthroughError, U
 from docker_http_passthrough.shared.jobs import JobSpec, job_id_for
 from docker_http_passthrough.shared.name import repo_tag
 from docker_http_passthrough.shared.registry import RegistryClient
-from docker_http_passthrough.shared.store import ImageRecord
+from docker_http_passthrough.shared.store import ImageRecord, Store
 
 log = logging.getLogger("docker_http_passthrough.api")
+
+
+class Plans:
+    """The plans of prepared images, by image and name, for repeat downloads (a fleet asks for one image many
+    times): a plan is a function of the prepared image, which never changes. Bounded; one per API process."""
+
+    def __init__(self, kept: int = 64):
+        self.kept = kept
+        self.plans: OrderedDict[tuple[str, str], ArchivePlan] = OrderedDict()
+
+    def get(self, store: Store, key: str, record: ImageRecord, name: str) -> ArchivePlan:
+        plan = self.plans.get((key, name))
+        if plan is None:
+            plan = plan_archive(store.get_blob(record.config_digest), record.config_digest, store.layer_files(record),
+                                name)
+            self.plans[key, name] = plan
+            if len(self.plans) > self.kept:
+                self.plans.popitem(last=False)
+        else:
+            self.plans.move_to_end((key, name))
+        return plan
 
 
 def error_response(exc: PassthroughError, *, challenge: bool = False) -> JSONResponse:
@@ -92,8 +114,7 @@ async def download(request: Request) -> Response:
                 return early
             record = await state.preparer.ensure(_spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
         attributes["container.image.id"] = record.config_digest
-        plan = plan_archive(state.store.get_blob(record.config_digest), record.config_digest,
-                            state.store.layer_files(record), name)
+        plan = state.plans.get(state.store, resolution.key, record, name)
     except PassthroughError as exc:
         log.info("download %s failed: %s %s", request.url.path, exc.status, exc.message)
         _note(request, error=exc.code)
@@ -146,10 +167,10 @@ async def _early_response(request: Request, wanted: ImageRequest, resolution: Re
     gate = EarlyGate(early, state.store, wanted.target.api_url, wanted.image.repository,
                      lambda: state.preparer.state(job_id),
                      lambda: state.store.get_image(resolution.key) is not None, settings.prepare_timeout)
-    body = stream_archive(state.store, early.plan, early.diff_ids, 0, early.plan.size, gate)
     headers = {**archive_headers(early.plan, resolution.digest, wanted.filename),
                "Content-Length": str(early.plan.size)}
-    return StreamingResponse(body, headers=headers)
+    return ArchiveResponse(lambda zero_copy: stream_archive(state.leases, early.plan, early.diff_ids, 0, early.plan.size,
+                                                            gate, zero_copy and settings.zero_copy), headers=headers)
 
 
 async def prewarm(request: Request) -> Response:
@@ -202,5 +223,7 @@ def archive_response(request: Request, plan: ArchivePlan, record: ImageRecord, f
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers)
     diff_ids = [layer.diff_id for layer in record.layers]
-    return StreamingResponse(stream_archive(request.app.state.store, plan, diff_ids, start, end),
-                             status_code=status, headers=headers)
+    leases, allowed = request.app.state.leases, request.app.state.settings.zero_copy
+    return ArchiveResponse(lambda zero_copy: stream_archive(leases, plan, diff_ids, start, end,
+                                                            zero_copy=zero_copy and allowed),
+                           status_code=status, headers=headers)

@@ -1,14 +1,19 @@
-"""Embedded mode: the preparation runs as an asyncio task inside the API process (no Redis, no workers)."""
+"""Embedded mode: the preparation runs as an asyncio task inside the API process (no Redis, no workers).
+
+With several API processes (`serve --workers N`) one of them prepares a given image and the others wait for it
+(`job_files`), and two preparations needing the same layer download it once (file locks in the store).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
+from docker_http_passthrough.api.job_files import JobFiles
 from docker_http_passthrough.api.preparation import JobState, wait_span
 from docker_http_passthrough.shared.errors import PassthroughError, PreparationFailed, TimedOut, failure_of
 from docker_http_passthrough.shared.jobs import JobSpec, Progress, key_of_job
-from docker_http_passthrough.shared.locks import LocalLocks
+from docker_http_passthrough.shared.locks import FileLocks
 from docker_http_passthrough.shared.prepare import prepare_image
 from docker_http_passthrough.shared.registry import Registries, RegistryClient
 from docker_http_passthrough.shared.settings import Settings
@@ -22,15 +27,20 @@ class EmbeddedPreparer:
         self.settings = settings
         self.store = store
         self.registries = registries
-        self.locks = LocalLocks()
+        self.locks = FileLocks(store.root / "locks")
+        self.job_files = JobFiles(self.locks)
         self.running: dict[str, tuple[asyncio.Task, Progress, dict]] = {}
         self.failures: dict[str, tuple[float, PassthroughError]] = {}  # recent failures, for the status route
 
     async def _run(self, spec: JobSpec, credentials: Credentials | None, token: str | None,
                    progress: Progress) -> ImageRecord:
         client = RegistryClient(self.registries, spec.registry, spec.repository, credentials, token)
-        return await prepare_image(client, self.store, spec.manifest_digest, self.locks,
-                                   self.settings.layer_concurrency, progress, self.settings.cache_max_bytes)
+        async with self.job_files.running(spec.job_id, progress):
+            record = self.store.get_image(spec.key)  # prepared by another process while this one waited
+            if record is not None:
+                return record
+            return await prepare_image(client, self.store, spec.manifest_digest, self.locks,
+                                       self.settings.layer_concurrency, progress, self.settings.cache_max_bytes)
 
     def _finished(self, job_id: str, task: asyncio.Task) -> None:
         # Forget the task when it ends, success or failure, so a later request retries a failure.
@@ -74,13 +84,21 @@ class EmbeddedPreparer:
             return JobState("done")
         if job_id in self.failures:
             return JobState("failed", self.failures[job_id][1])
+        elsewhere = self.job_files.look(job_id)  # in another API process of this server
+        if elsewhere is not None:
+            state, body = elsewhere
+            return JobState(state, JobFiles.error_of(body) if state == "failed" else None)
         return JobState("gone")
 
     async def status(self, job_id: str) -> dict | None:
         state = await self.state(job_id)
         if state.state == "gone":
             return None
-        progress = self.running[job_id][1].as_dict() if state.state == "running" else {}
+        progress: dict = {}
+        if state.state == "running":
+            progress = self.running[job_id][1].as_dict() if job_id in self.running else {}
+            if not any(progress.values()):  # waiting here while another process of this server prepares it
+                progress = (self.job_files.look(job_id) or ("", progress))[1]
         return {**state.as_dict(), **progress}
 
     async def close(self) -> None:

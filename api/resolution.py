@@ -1,7 +1,9 @@
 """From a download request to a manifest digest: parse, pick credentials, ask the registry (or remember).
 
 - Every request resolves the tag at the registry with its own credentials (one HEAD), so the shared store
-  never serves an image to someone the registry would refuse.
+  never serves an image to someone the registry would refuse. Requests asking for the same tag with the same
+  credentials at the same moment (a fleet starting a rollout) share that one HEAD while it is in flight
+  (`SharedLookups`, per API process): the registry's answer is the same for each of them.
 - Refusals and missing tags are remembered for ERROR_CACHE_SECONDS, so a fleet asking for a missing tag
   does not hammer the registry.
 - When the registry is unreachable, a tag prepared before may be served stale (SERVE_STALE), except to
@@ -10,9 +12,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Awaitable, Callable, Hashable
 
 from opentelemetry import trace
 from starlette.requests import Request
@@ -81,6 +85,30 @@ class ErrorCache:
             now = time.monotonic()
             self.entries = {k: v for k, v in self.entries.items() if v[0] > now}
         self.entries[key] = (time.monotonic() + self.seconds, error)
+
+
+class SharedLookups:
+    """Registry lookups in flight, by what they ask and with which identity: a request asking the same as one
+    in flight waits for its answer (or its error) instead of asking again. A requester that goes away does not
+    cancel the lookup for the others."""
+
+    def __init__(self) -> None:
+        self.flights: dict[Hashable, asyncio.Future] = {}
+
+    async def run(self, key: Hashable, lookup: Callable[[], Awaitable[str]]) -> str:
+        flight = self.flights.get(key)
+        if flight is None:
+            flight = self.flights[key] = asyncio.ensure_future(lookup())
+            flight.add_done_callback(lambda done: self._landed(key, done))
+        else:
+            trace.get_current_span().set_attribute("dhp.resolution.shared", True)
+        return await asyncio.shield(flight)
+
+    def _landed(self, key: Hashable, flight: asyncio.Future) -> None:
+        if self.flights.get(key) is flight:
+            del self.flights[key]
+        if not flight.cancelled():
+            flight.exception()  # looked at: nobody may be waiting any more
 
 
 def _target(request: Request) -> RegistryTarget:
@@ -181,7 +209,8 @@ async def _resolve(request: Request, wanted: ImageRequest) -> Resolution:
         raise remembered
     client = RegistryClient(state.registries, target, image.repository, auth.credentials, auth.token)
     try:
-        digest = await resolve_platform_digest(client, state.store, image.tag, settings.platform)
+        digest = await state.lookups.run((*error_key, settings.platform), lambda: resolve_platform_digest(
+            client, state.store, image.tag, settings.platform))
     except REMEMBERED_ERRORS as exc:
         state.error_cache.put(error_key, exc)
         raise

@@ -1,14 +1,19 @@
 """Named locks so that two preparations needing the same layer at the same time download it once.
 
-In-process (embedded mode) an asyncio lock per name is enough; across worker processes and hosts, redis-py's
-Lock: a key with an expiry, renewed while held, so a crashed holder frees the name within `ttl` seconds.
+Embedded mode: file locks (flock) in the store, which hold across the API processes of one server (`serve
+--workers N`) as well as between the tasks of one; a process that dies frees its locks with its descriptors.
+Across worker processes and hosts (two-tier), redis-py's Lock: a key with an expiry, renewed while held, so a
+crashed holder frees the name within `ttl` seconds. (`LocalLocks`: one process's asyncio locks, for tests.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import AsyncIterator, Protocol
 
 import redis.asyncio as aioredis
@@ -38,6 +43,49 @@ class LocalLocks:
             self._users[name] -= 1
             if not self._users[name]:
                 del self._users[name], self._locks[name]
+
+
+class FileLocks:
+    """flock on `<directory>/<name>.lock`: exclusive between open descriptions, so between processes and between
+    tasks of one process alike. Lock files stay (an unlinked lock file could be locked twice: once through the
+    old inode, once through a new one); they are empty unless their holder writes into them (`hold` yields the
+    descriptor)."""
+
+    def __init__(self, directory: Path | str, poll: float = 0.1):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.poll = poll
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{name.replace('/', '_')}.lock"
+
+    @asynccontextmanager
+    async def hold(self, name: str) -> AsyncIterator[int]:
+        fd = os.open(self.path(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(self.poll)
+            yield fd
+        finally:
+            os.close(fd)  # releases the lock
+
+    def held(self, name: str) -> bool:
+        """Whether someone holds `name` now."""
+        try:
+            fd = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
 
 
 class RedisLocks:

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from docker_http_passthrough.api.archive_stream import stream_archive
+from docker_http_passthrough.api.lease_book import LeaseBook
 from docker_http_passthrough.api.early_stream import EarlyGate, EarlyPlan, EarlyStreamAborted
 from docker_http_passthrough.api.preparation import JobState
 from docker_http_passthrough.shared.archive import LayerFile, plan_archive
@@ -63,7 +64,7 @@ async def test_stream_sends_the_range_and_leases_its_layers_until_it_ends(store)
     expected = reference.getvalue()
     diff_ids = [diff_id for _digest, diff_id in layers]
 
-    stream = stream_archive(store, plan, diff_ids, 1000, plan.size - 10)
+    stream = stream_archive(LeaseBook(store), plan, diff_ids, 1000, plan.size - 10)
     first = bytes(await stream.__anext__())
     assert evict(store, 1) == [], "a layer being streamed is never evicted"
     rest = await read_all(stream)
@@ -78,7 +79,7 @@ async def test_stream_with_a_missing_layer_fails_at_once(store):
         store_layer(store, digest, diff_id, data)  # the last layer is not there
     started = time.monotonic()
     with pytest.raises(ArchiveSourceError):
-        await read_all(stream_archive(store, plan, [d for _g, d in layers], 0, plan.size))
+        await read_all(stream_archive(LeaseBook(store), plan, [d for _g, d in layers], 0, plan.size))
     assert time.monotonic() - started < 2
 
 
@@ -138,7 +139,7 @@ async def test_gate_cuts_at_once_when_the_preparation_ended_without_the_layer(st
     store_layer(store, *layers[0], contents[0])
     preparation.state = JobState(ended)
     started = time.monotonic()
-    body = stream_archive(store, plan, [d for _g, d in layers], 0, plan.size, preparation.gate(timeout=3600))
+    body = stream_archive(LeaseBook(store), plan, [d for _g, d in layers], 0, plan.size, preparation.gate(timeout=3600))
     with pytest.raises(EarlyStreamAborted, match="ended without layer"):
         await read_all(body)
     assert time.monotonic() - started < 2

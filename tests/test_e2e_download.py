@@ -72,14 +72,15 @@ def test_concurrent_cold_requests_share_one_preparation(mode, stack, registry, u
     for blob in [image.config_digest] + [layer.digest for layer in layers]:
         assert registry.proxy.count("GET", kind="blob", path_contains=blob) == 1, registry.proxy.requests
     assert registry.proxy.count("GET", kind="manifest") == 1
-    assert registry.proxy.count("HEAD", kind="manifest") == 20
+    # One HEAD per request at most: requests asking at the same moment share one in flight.
+    assert 1 <= registry.proxy.count("HEAD", kind="manifest") <= 20
 
-    # Prepared: a second round costs one HEAD per request and nothing else.
+    # Prepared: a second round costs at most one HEAD per request and nothing else.
     registry.proxy.reset()
     again = get_many([url] * 5)
     assert all(r.body == results[0].body for r in again)
     assert registry.proxy.count("GET") == 0, registry.proxy.requests
-    assert registry.proxy.count("HEAD", kind="manifest") == 5
+    assert 1 <= registry.proxy.count("HEAD", kind="manifest") <= 5
     assert registry.proxy.count(kind="blob") == 0
 
 
