@@ -64,14 +64,19 @@ class ConnectionLimits:
 
 
 def connection_cap(fd_limit: int) -> int:
-    """MAX_CONNECTIONS by default: a download holds its socket and, one after another, its layer files (and
-    upstream sockets and the store's files besides), so a quarter of what is left after a reserve."""
-    return max(32, (fd_limit - min(256, fd_limit // 4)) // 4)
+    """MAX_CONNECTIONS by default: a download holds three descriptors — its socket, the socket's duplicate for
+    zero-copy sends (api.zero_copy), and one layer file at a time (each closed once passed) — so a third of
+    what is left after a reserve (upstream sockets, the store's files, the preparations')."""
+    return max(32, (fd_limit - min(256, fd_limit // 4)) // 3)
 
 
 def limits_from(settings: Settings, fd_limit: int) -> ConnectionLimits:
     return ConnectionLimits(settings.header_timeout, settings.send_timeout,
                             settings.max_connections or connection_cap(fd_limit))
+
+
+def current_fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def raise_fd_limit() -> int:

@@ -7,10 +7,17 @@ import functools
 import gc
 import logging
 import socket
+import sys
 
 import uvicorn
 
-from docker_http_passthrough.api.connections import ConnectionLimits, GuardedProtocol, limits_from, raise_fd_limit
+from docker_http_passthrough.api.connections import (
+    ConnectionLimits,
+    GuardedProtocol,
+    current_fd_limit,
+    limits_from,
+    raise_fd_limit,
+)
 from docker_http_passthrough.api.supervisor import (
     STARTUP_FAILURE,
     Supervisor,
@@ -21,7 +28,6 @@ from docker_http_passthrough.api.supervisor import (
 )
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import Store
-from docker_http_passthrough.shared.telemetry import configure_logging
 
 log = logging.getLogger("docker_http_passthrough.api")
 
@@ -59,19 +65,19 @@ def run(settings: Settings, host: str, port: int, workers: int | None = None) ->
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc)
         return 1
-    level = logging.getLogger().level
-    return Supervisor(serve_socket, (settings, limits, level), sockets, fresh_metrics_dir()).run()
+    command = [sys.executable, "-m", "docker_http_passthrough", "serve", "--socket-fd"]
+    return Supervisor(command, sockets, fresh_metrics_dir()).run()
 
 
-def serve_socket(sock: socket.socket, settings: Settings, limits: ConnectionLimits, log_level: int) -> None:
-    """One of several API processes (a fresh interpreter): serve on the socket the supervisor bound for it."""
+def serve_socket(settings: Settings, fd: int) -> int:
+    """One of several API processes: serve on the listening socket the supervisor bound for it (descriptor `fd`),
+    with the limits the supervisor computed for the fd limit it set (inherited)."""
     die_with_parent()
-    configure_logging(log_level, settings.log_json)
     limit_malloc_arenas()
-    server = _server(settings, limits)
+    sock = socket.socket(fileno=fd)
+    server = _server(settings, limits_from(settings, current_fd_limit()))
     server.run(sockets=[sock])
-    if not server.started:
-        raise SystemExit(STARTUP_FAILURE)
+    return 0 if server.started else STARTUP_FAILURE
 
 
 def _server(settings: Settings, limits: ConnectionLimits, **bind: object) -> uvicorn.Server:

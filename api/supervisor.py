@@ -14,6 +14,8 @@
 - Shutdown: SIGTERM or SIGINT to the parent stops every process gracefully (running downloads finish); a second
   one stops them at once. A process that dies is started again, unless it failed to start (then all stop).
   Each child gets SIGTERM should the parent itself be killed.
+Each API process is `docker-http-passthrough serve --socket-fd N`: a fresh interpreter (nothing forked from a
+parent with threads or a loop) that reads the same settings from the environment it inherits.
 """
 
 from __future__ import annotations
@@ -21,26 +23,27 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import multiprocessing
 import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from docker_http_passthrough.shared.settings import Settings
 
 log = logging.getLogger("docker_http_passthrough.api")
 
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SUPERVISOR_ENV = "DHP_SUPERVISOR_PID"  # tells an API process which parent to die with
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app's startup failed: restarting would fail the same way
 # A process that dies sooner than this after its start is restarted only after this long (no restart storm).
 RESTART_PAUSE = 1.0
+WATCH_EVERY = 0.2
 PR_SET_PDEATHSIG = 1
 
 
@@ -116,11 +119,13 @@ def fresh_metrics_dir() -> str:
 
 
 def die_with_parent() -> None:
-    """SIGTERM this process when its parent dies (Linux), so no API process outlives a killed supervisor."""
+    """SIGTERM this process when its supervisor dies (Linux), so no API process outlives a killed supervisor."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
-        pass
+        return
+    if str(os.getppid()) != os.environ.get(SUPERVISOR_ENV):  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass
@@ -128,69 +133,69 @@ class _Slot:
     """One of the N places: its socket, and the process serving it now."""
 
     sock: socket.socket
-    process: Any = None
+    process: subprocess.Popen | None = None
     started: float = 0.0
     restart_at: float | None = None
 
 
 class Supervisor:
-    """Starts `workers` processes running `target(sock, *args)` and keeps them until told to stop."""
+    """Starts one `command + [fd]` process per socket (the socket's descriptor passed to it) and keeps them until
+    told to stop; returns the exit status for the parent."""
 
-    def __init__(self, target: Callable[..., None], args: tuple, sockets: list[socket.socket], metrics_dir: str):
-        self.target = target
-        self.args = args
+    def __init__(self, command: list[str], sockets: list[socket.socket], metrics_dir: str):
+        self.command = command
         self.slots = [_Slot(sock) for sock in sockets]
         self.metrics_dir = metrics_dir
-        self.context = multiprocessing.get_context("spawn")  # fresh interpreters: no threads or loops forked
         self.stopping = 0  # signals received
 
     def _start(self, slot: _Slot) -> None:
-        slot.process = self.context.Process(target=self.target, args=(slot.sock, *self.args), daemon=False,
-                                            name="docker-http-passthrough api")
-        slot.process.start()
+        fd = slot.sock.fileno()
+        slot.process = subprocess.Popen([*self.command, str(fd)], pass_fds=(fd,), stdin=subprocess.DEVNULL)
         slot.started, slot.restart_at = time.monotonic(), None
 
     def _signal(self, signum: int, frame: Any) -> None:
         self.stopping += 1
         # First signal: every process finishes its running downloads, then exits. Second: at once.
-        forward = signal.SIGTERM if self.stopping == 1 else signal.SIGINT
         log.info("received %s: stopping %d API processes%s", signal.Signals(signum).name, len(self.slots),
                  "" if self.stopping == 1 else " now")
         for slot in self.slots:
-            if slot.process is not None and slot.process.is_alive():
-                for _ in range(1 if self.stopping == 1 else 2):  # uvicorn quits at once on a second SIGINT
-                    os.kill(slot.process.pid, forward)
+            if slot.process is not None and slot.process.poll() is None:
+                for forward in (signal.SIGTERM,) if self.stopping == 1 else (signal.SIGINT, signal.SIGINT):
+                    slot.process.send_signal(forward)  # uvicorn quits at once on a second SIGINT
 
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._signal)
+        os.environ[SUPERVISOR_ENV] = str(os.getpid())
         for slot in self.slots:
             self._start(slot)
-        log.info("serving with %d API processes (pids %s); metrics of all of them at /metrics", len(self.slots),
-                 " ".join(str(slot.process.pid) for slot in self.slots))
+        log.info("serving with %d API processes (pids %s); /metrics of any shows them all (metrics directory %s)",
+                 len(self.slots), " ".join(str(slot.process.pid) for slot in self.slots if slot.process),
+                 self.metrics_dir)
         status = 0
         while any(slot.process is not None or (slot.restart_at is not None and not self.stopping)
                   for slot in self.slots):
-            running = {slot.process.sentinel: slot for slot in self.slots if slot.process is not None}
-            for sentinel in wait(list(running), timeout=0.5) if running else time.sleep(0.1) or ():
-                status = max(status, self._ended(running[sentinel]))
+            time.sleep(WATCH_EVERY)
+            for slot in self.slots:
+                if slot.process is not None and slot.process.poll() is not None:
+                    status = max(status, self._ended(slot))
             self._restart_due()
         self._cleanup()
         return status
 
     def _ended(self, slot: _Slot) -> int:
         process = slot.process
-        process.join()
+        assert process is not None
         slot.process = None
         self._mark_dead(process.pid)
         if self.stopping:
             return 0
-        if process.exitcode == STARTUP_FAILURE:
+        if process.returncode == STARTUP_FAILURE:
             log.error("API process %d failed to start: stopping all of them", process.pid)
             self._signal(signal.SIGTERM, None)
             return 1
         quick = time.monotonic() - slot.started < RESTART_PAUSE
-        log.warning("API process %d exited with status %s; starting another%s", process.pid, process.exitcode,
+        log.warning("API process %d exited with status %s; starting another%s", process.pid, process.returncode,
                     f" in {RESTART_PAUSE:g} s" if quick else "")
         slot.restart_at = time.monotonic() + (RESTART_PAUSE if quick else 0.0)
         return 0

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=None, metavar="N",
                        help="API processes, each serving downloads (default: API_WORKERS, else one per usable CPU)")
+    serve.add_argument("--socket-fd", type=int, default=None, help=argparse.SUPPRESS)  # one of --workers' processes
     worker = commands.add_parser("worker", help="run a preparation worker (needs REDIS_URL)")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.add_argument("--name", default=None, help="worker name (default: RQ picks one)")
@@ -45,8 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(log_level(os.environ), settings.log_json)
 
     if args.command == "serve":
-        from docker_http_passthrough.api.server import run
+        from docker_http_passthrough.api.server import run, serve_socket
 
+        if args.socket_fd is not None:
+            raise SystemExit(serve_socket(settings, args.socket_fd))
         if args.workers is not None and args.workers < 1:
             parser.error("--workers must be at least 1")
         raise SystemExit(run(settings, args.host, args.port, args.workers))

@@ -16,7 +16,7 @@ from docker_http_passthrough.api.lease_book import LeaseBook
 from docker_http_passthrough.api.early_stream import EarlyGate, EarlyPlan, EarlyStreamAborted
 from docker_http_passthrough.api.preparation import JobState
 from docker_http_passthrough.shared.archive import LayerFile, plan_archive
-from docker_http_passthrough.shared.archive_reader import ArchiveSourceError, write_archive
+from docker_http_passthrough.shared.archive_reader import ArchiveSourceError, FileSpan, write_archive
 from docker_http_passthrough.shared.errors import InvalidContent
 from docker_http_passthrough.shared.eviction import evict
 from docker_http_passthrough.shared.store import Store
@@ -70,6 +70,30 @@ async def test_stream_sends_the_range_and_leases_its_layers_until_it_ends(store)
     rest = await read_all(stream)
     assert first + rest == expected[1000:plan.size - 10]
     assert len(evict(store, 1)) == 3, "once the stream ended, its layers may go"
+
+
+@pytest.mark.anyio
+async def test_zero_copy_parts_are_the_same_bytes_and_each_layer_is_closed_once_passed(store):
+    plan, layers, contents = image(store, sizes=(3_000_000, 700_000, 2_000_000))
+    for (digest, diff_id), data in zip(layers, contents):
+        store_layer(store, digest, diff_id, data)
+    reference = io.BytesIO()
+    write_archive(plan, reference)
+    diff_ids = [diff_id for _digest, diff_id in layers]
+    open_before = len(os.listdir("/proc/self/fd"))
+
+    sent, spans, open_files = bytearray(), 0, []
+    async for piece in stream_archive(LeaseBook(store), plan, diff_ids, 700, plan.size - 3, zero_copy=True):
+        if isinstance(piece, FileSpan):  # what the server sends with sendfile: read it the same way here
+            sent += os.pread(piece.fd, piece.count, piece.offset)
+            spans += 1
+        else:
+            sent += piece
+        open_files.append(len(os.listdir("/proc/self/fd")) - open_before)
+    assert bytes(sent) == reference.getvalue()[700:plan.size - 3]
+    assert spans >= 3, "layer bytes in the page cache go out as file spans"
+    assert max(open_files) <= 2, "one layer file open at a time (two where a piece spans the end of one)"
+    assert len(os.listdir("/proc/self/fd")) == open_before
 
 
 @pytest.mark.anyio

@@ -123,13 +123,13 @@ def test_every_error_the_server_makes_is_json(stack, registry, unique_repo):
 
 
 def test_fd_limit_is_raised_at_start_and_the_connection_cap_follows_it(tmp_path):
-    server = FdLimitedServer({"CACHE_DIR": str(tmp_path / "cache")}, tmp_path / "server.log", nofile=(512, 4096))
+    server = FdLimitedServer({"CACHE_DIR": str(tmp_path / "cache")}, tmp_path / "server.log", nofile=(512, 2048))
     try:
-        assert fd_limits(server.pid) == (4096, 4096)
+        assert fd_limits(server.pid) == (2048, 2048)
         log = server.log_text()
-        assert "soft limit raised from 512 to 4096" in log, log
-        assert "at most 960 per process (MAX_CONNECTIONS, from the fd limit)" in log, log
-        assert "raise the file-descriptor limit" in log  # 960 is too few for a big fleet: say so
+        assert "soft limit raised from 512 to 2048" in log, log
+        assert "at most 597 per process (MAX_CONNECTIONS, from the fd limit)" in log, log
+        assert "raise the file-descriptor limit" in log  # 597 is too few for a big fleet: say so
     finally:
         server.stop()
 

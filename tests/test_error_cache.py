@@ -1,7 +1,9 @@
-"""api.resolution.ErrorCache: refusals and missing tags are remembered for a while, per identity, in bounded memory."""
+"""api.resolution: refusals and missing tags are remembered for a while, per identity, in bounded memory
+(ErrorCache); lookups of one tag with one identity share the registry's answer while in flight (SharedLookups)."""
 
 from __future__ import annotations
 
+import asyncio
 import types
 
 import pytest
@@ -45,3 +47,37 @@ def test_a_flood_of_distinct_names_does_not_grow_it_without_bound(clock):
         clock[0] += 0.001  # each expires a second later: most are stale by the time the bound is hit
     assert len(cache.entries) <= 10_001
     assert cache.get(("r", "repo24999", "t", "a")) is not None
+
+
+@pytest.mark.anyio
+async def test_lookups_in_flight_are_shared_and_a_leaver_cancels_nothing():
+    lookups = resolution.SharedLookups()
+    asked = []
+
+    async def lookup(answer: str) -> str:
+        asked.append(answer)
+        await asyncio.sleep(0.1)
+        return answer
+
+    first = asyncio.ensure_future(lookups.run(KEY, lambda: lookup("sha256:aa")))
+    await asyncio.sleep(0)
+    leaver = asyncio.ensure_future(lookups.run(KEY, lambda: lookup("sha256:bb")))
+    other = asyncio.ensure_future(lookups.run(KEY[:3] + ("someone-else",), lambda: lookup("sha256:cc")))
+    await asyncio.sleep(0.01)
+    leaver.cancel()  # its client hung up: the others still get the answer
+    assert await first == "sha256:aa" and await other == "sha256:cc"
+    assert asked == ["sha256:aa", "sha256:cc"] and lookups.flights == {}
+    # Once landed, the next request asks again (one HEAD per request, shared only while in flight).
+    assert await lookups.run(KEY, lambda: lookup("sha256:dd")) == "sha256:dd"
+
+
+@pytest.mark.anyio
+async def test_a_failed_lookup_fails_every_request_that_shared_it():
+    lookups = resolution.SharedLookups()
+
+    async def missing() -> str:
+        await asyncio.sleep(0.05)
+        raise NotFound("no such tag")
+
+    results = await asyncio.gather(*(lookups.run(KEY, missing) for _ in range(3)), return_exceptions=True)
+    assert [type(r) for r in results] == [NotFound] * 3

@@ -1,4 +1,5 @@
-"""Eviction: least-recently-used layers first (by our own use records, not atime), leased layers never."""
+"""Eviction: least-recently-used layers first (by our own use records, not atime), leased layers never; an API
+process keeps one lease per layer in use, whatever the number of its downloads (LeaseBook)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 
 import pytest
 
+from docker_http_passthrough.api.lease_book import LeaseBook
 from docker_http_passthrough.shared import eviction
 from docker_http_passthrough.shared.eviction import evict, leased, record_use
 from docker_http_passthrough.shared.store import Store
@@ -85,3 +87,21 @@ def test_partial_files_of_writers_are_not_counted_or_removed(store):
     partial.write_bytes(b"p" * 5000)
     assert evict(store, 2000) == []
     assert partial.exists()
+
+
+@pytest.mark.anyio
+async def test_a_process_holds_one_lease_per_layer_whatever_its_downloads(store):
+    book = LeaseBook(store)
+    one, two = _layer(store, b"one" * 100, None), _layer(store, b"two" * 100, None)
+    leases = store.root / "leases"
+    used = store.root / "used" / one.removeprefix("sha256:")
+    async with book.hold([one, two]):
+        assert len(list(leases.iterdir())) == 2 and used.exists()
+        first_use = used.stat().st_mtime_ns
+        async with book.hold([one]), book.hold([one, one]):
+            assert len(list(leases.iterdir())) == 2  # no lease file per download
+            assert evict(store, 1) == []  # both leased
+        assert len(list(leases.iterdir())) == 2
+    assert list(leases.iterdir()) == []
+    assert used.stat().st_mtime_ns >= first_use  # the last use is when the last download ended
+    assert sorted(evict(store, 1)) == sorted(d.removeprefix("sha256:") for d in (one, two))

@@ -1,5 +1,7 @@
-"""shared.locks: one holder per name at a time, in process (embedded) and across processes on a real Redis,
-where a live holder keeps its lock past the ttl and a crashed one frees it within the ttl."""
+"""shared.locks: one holder per name at a time, in process and across processes: file locks (embedded mode,
+several API processes; a killed holder frees its name at once), and on a real Redis, where a live holder keeps
+its lock past the ttl and a crashed one frees it within the ttl. api.job_files: an embedded preparation seen
+from another process (its progress, its failure)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from docker_http_passthrough.shared.locks import LocalLocks, RedisLocks
+from docker_http_passthrough.api.job_files import JobFiles
+from docker_http_passthrough.shared.errors import NotFound
+from docker_http_passthrough.shared.jobs import Progress
+from docker_http_passthrough.shared.locks import FileLocks, LocalLocks, RedisLocks
 
 TTL = 1.0
 
@@ -85,3 +90,63 @@ async def test_a_crashed_holder_frees_the_name_within_the_ttl(redis_server):
     finally:
         holder.kill()
         holder.wait(10)
+
+
+@pytest.mark.anyio
+async def test_file_locks_one_holder_per_name_between_tasks_and_processes(tmp_path):
+    locks = FileLocks(tmp_path / "locks", poll=0.02)
+    assert not await holders_overlap(locks, ["blob-a", "blob-a", "blob-b"], 0.1)
+    assert not locks.held("blob-a")
+    holder = subprocess.Popen([sys.executable, "-c", FILE_HOLDER, str(tmp_path / "locks")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert locks.held("image-1")  # another process holds it
+        holder.kill()  # its descriptor goes with it, and the lock too
+        holder.wait(10)
+        async with locks.hold("image-1"):
+            assert locks.held("image-1")
+        assert not locks.held("image-1")
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+FILE_HOLDER = """
+import asyncio, sys
+from docker_http_passthrough.shared.locks import FileLocks
+
+async def main():
+    async with FileLocks(sys.argv[1]).hold("image-1"):
+        print("held", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.anyio
+async def test_job_files_show_another_process_progress_and_failure(tmp_path):
+    files = JobFiles(FileLocks(tmp_path / "locks", poll=0.02))
+    assert files.look("job-a") is None
+    progress = Progress(layers_total=3, layers_done=1, bytes_total=300, bytes_done=120)
+    async with files.running("job-a", progress):
+        await asyncio.sleep(0.05)
+        assert files.look("job-a") == ("running", progress.as_dict())
+    assert files.look("job-a") is None  # done: the store says so
+
+    async def failing() -> None:
+        async with files.running("job-b", Progress()):
+            await asyncio.sleep(0.1)
+            raise NotFound("no such tag")
+
+    async def waiting() -> None:  # waits while the first run holds the job, then shares its outcome
+        await asyncio.sleep(0.02)
+        async with files.running("job-b", Progress()):
+            raise AssertionError("a second run while the first one's failure is fresh")
+
+    results = await asyncio.gather(failing(), waiting(), return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["NotFound", "PassthroughError"]
+    assert results[1].status == 404 and results[1].code == results[0].code
+    state, error = files.look("job-b")
+    assert state == "failed" and error["status"] == 404 and "no such tag" in error["message"]

@@ -11,6 +11,7 @@ from docker_http_passthrough.api.pacer import (
     PIECE_SECONDS,
     PIECE_START,
     PIECE_TRUST_AFTER,
+    ZERO_COPY_PIECE_MIN,
     PiecePacer,
     piece_for,
 )
@@ -24,9 +25,9 @@ def test_piece_for_is_a_bounded_power_of_two_a_client_drains_in_time(rate):
     assert size == PIECE_MAX or size * 2 > rate * PIECE_SECONDS  # and the biggest that does
 
 
-def simulate(rate: float, total: int) -> list[int]:
+def simulate(rate: float, total: int, zero_copy: bool = False) -> list[int]:
     """Pieces a pacer picks for a client that reads `rate` bytes per second, until `total` bytes went out."""
-    pacer, now, pieces = PiecePacer(0.0), 0.0, []
+    pacer, now, pieces = PiecePacer(0.0, zero_copy), 0.0, []
     while pacer.total < total:
         piece = pacer.piece
         pieces.append(piece)
@@ -62,3 +63,10 @@ def test_time_spent_waiting_for_the_preparation_is_not_the_clients_slowness():
     pacer.waited(30.0)  # an early-start stream held back until the next layer verified
     pacer.sent(PIECE_TRUST_AFTER // 2, 30.005, 30.01)
     assert pacer.piece == PIECE_MAX
+
+
+def test_zero_copy_pieces_are_bigger_for_the_same_switch():
+    """sendfile holds nothing of ours in memory: a switch's piece is a quarter second of its reading, not 64 KiB."""
+    pieces = simulate(1_400_000, 20 << 20, zero_copy=True)
+    assert min(pieces) >= ZERO_COPY_PIECE_MIN and pieces[-1] == ZERO_COPY_PIECE_MIN
+    assert simulate(2e9, 64 << 20, zero_copy=True)[-1] == PIECE_MAX

@@ -119,6 +119,14 @@ def test_serving_limits():
     assert load_settings({"MAX_CONNECTIONS": "0"}).max_connections is None
 
 
+def test_api_processes_and_zero_copy():
+    assert (load_settings({}).api_workers, load_settings({}).zero_copy) == (None, True)  # None: one per usable CPU
+    assert load_settings({"API_WORKERS": "3"}).api_workers == 3
+    assert load_settings({"WEB_CONCURRENCY": "4"}).api_workers == 4  # the name platforms set
+    assert load_settings({"WEB_CONCURRENCY": "4", "API_WORKERS": "2"}).api_workers == 2
+    assert load_settings({"ZERO_COPY": "false"}).zero_copy is False
+
+
 @pytest.mark.parametrize("mode", ["optional", "required", "off", "OFF"])
 def test_client_auth_mode_ignores_case(mode):
     assert load_settings({"REGISTRY_CLIENT_AUTH": mode}).registry_client_auth == mode.lower()
@@ -177,6 +185,9 @@ def test_registry_auth_url_unset_means_discover_and_empty_means_none():
     ({"MAX_CONNECTIONS": "many"}, "MAX_CONNECTIONS"),
     ({"MAX_DOWNLOADS_PER_CLIENT": "-3"}, "MAX_DOWNLOADS_PER_CLIENT"),
     ({"MAX_COLD_IMAGES": "2.5"}, "MAX_COLD_IMAGES"),
+    ({"API_WORKERS": "0"}, "API_WORKERS"),
+    ({"WEB_CONCURRENCY": "two"}, "WEB_CONCURRENCY"),
+    ({"ZERO_COPY": "sometimes"}, "ZERO_COPY"),
 ], ids=lambda value: "|".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None)
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(SettingsError) as info:
