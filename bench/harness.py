@@ -26,7 +26,7 @@ from tests.support.services import ServerProcess
 # of them put the same image tag into the archive and every download can be compared byte for byte.
 REGISTRY_NAME = "registry.bench.invalid:5000"
 # In the order they run. The warm ones (warm … thousand) share the server that the cold phase left warm.
-PHASES = ("cold", "warm", "slow", "many", "thousand", "throttled", "fleet")
+PHASES = ("cold", "warm", "slow", "many", "thousand", "zerocopy", "throttled", "fleet")
 
 
 @dataclass
@@ -158,17 +158,22 @@ class Bench:
         mid = make_image(gen, registry.url, "bench/mid", "v1", plan.mid_mib, seed=2)
 
         phases = self.phases
-        warm_phases = phases & {"warm", "slow", "many", "thousand"}
+        warm_phases = phases & {"warm", "slow", "many", "thousand", "zerocopy"}
         if "cold" in phases or warm_phases:
             server, cache, ref_big = cold.single_client(self, registry.url, big, report="cold" in phases)
             if "warm" in phases:
                 warm.single_client(self, server, big, ref_big)
             if "slow" in phases:
                 memory.slow_clients(self, server, big, ref_big)
+            mid_ref = None
+            if phases & {"many", "zerocopy"}:
+                mid_ref = cold.warm_reference(self, server, mid, "mid-warm.tar")
             if "many" in phases:
-                many.fast_clients(self, server, mid, cold.warm_reference(self, server, mid, "mid-warm.tar"))
+                many.fast_clients(self, server, mid, mid_ref)
             if "thousand" in phases:
                 many.thousand_slow(self, server, big, ref_big)
+            if "zerocopy" in phases:
+                many.zero_copy_gain(self, server, cache, registry.url, mid, mid_ref)
             self.stop_server(server, cache)
         if "throttled" in phases:
             cold.throttled(self, registry.url, big, ref_big if "cold" in phases or warm_phases else None)

@@ -1,7 +1,7 @@
 """Many clients on a warm image, ours and nginx in turn (the same clients, the same number of times): fast clients
 as real `curl` processes and as asyncio clients, then a thousand slow clients paced like switches. Each row gives
 the aggregate figures, the CPU both servers spent per GB they served, and (slow clients) the memory of every API
-process together."""
+process together. Last, what zero-copy sends gain: ours with and without them, in turn."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.checks import Reference, prefix_crcs
@@ -194,3 +195,27 @@ def thousand_slow(bench: Bench, server: ServerProcess, image: Image, reference: 
         f"API memory, {n} slow clients (all processes)",
         f"peak PSS sum {mib(memory.peak_pss)}, peak RSS sum {mib(memory.peak)}", "—",
         f"< {THOUSAND_MEMORY_MIB} MiB (PSS)", (memory.peak_pss or memory.peak) < THOUSAND_MEMORY_MIB * MiB)
+
+
+def zero_copy_gain(bench: Bench, server: ServerProcess, cache: Path, registry_url: str, image: Image,
+                   reference: Reference) -> None:
+    """Ours with and without zero-copy sends (ZERO_COPY=false: read into memory, then written), on the same warm
+    store, in turn: one curl client (``--runs`` times), and ``--fast-clients`` asyncio clients."""
+    plan = bench.plan
+    copying, _ = bench.server("copying", {"REGISTRY_URL": registry_url, "CACHE_DIR": str(cache),
+                                          "ZERO_COPY": "false"})
+    path = f"/docker/{image.filename}"
+    with_zc = Target("ours", server.url, server.port, path, server.pid)
+    without = Target("ours, ZERO_COPY=false", copying.url, copying.port, path, copying.pid)
+    say(f"zero-copy against copying: 1 curl client {plan.runs} times, then {plan.fast_clients} asyncio clients")
+    one_zc, one_copy = _in_turn(bench, "1-curl-zc", with_zc, without, plan.runs, _curl_clients(1, reference.size))
+    many_zc, many_copy = _in_turn(bench, f"{plan.fast_clients}-zc", with_zc, without, 1,
+                                  _asyncio_clients(plan.fast_clients, reference))
+    copying.stop()
+    for what, zc, copy in (("1 client (curl)", one_zc, one_copy),
+                           (f"{plan.fast_clients} asyncio clients", many_zc, many_copy)):
+        zc_rate, copy_rate = statistics.median(r.throughput for r in zc), statistics.median(r.throughput for r in copy)
+        zc_cpu, copy_cpu = statistics.median(r.cpu_per_gb for r in zc), statistics.median(r.cpu_per_gb for r in copy)
+        bench.report.row(f"zero-copy sends, warm {mib(reference.size)}, {what}",
+                         f"{rate(zc_rate)}, CPU {zc_cpu:.2f} s/GB", f"ours with ZERO_COPY=false: {rate(copy_rate)}, "
+                         f"CPU {copy_cpu:.2f} s/GB", "less CPU per GB", zc_cpu < copy_cpu)
