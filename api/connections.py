@@ -16,7 +16,10 @@ header line of any length), no end for a response nobody reads, and its only con
   descriptors are what keeps the process answering.
 
 Every answer written here has the API's error shape, {"error", "status", "message"}. The limits come in with a
-functools.partial over the class, so they survive uvicorn pickling its config into `--workers` processes.
+functools.partial over the class. Each API process (`serve --workers N`) has its own limits.
+
+The protocol also offers the `http.response.zerocopysend` extension (api.zero_copy): its sends are watched by
+SEND_TIMEOUT like the transport's, and count for MAX_CONNECTIONS' file descriptors (a duplicate socket).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def _download(bench: Bench, server: ServerProcess, image: Image, target: Path, a
     with RssSampler(server.pid) as rss, bench.profiler.record(f"cold-{attempt}", server.pid):
         result = curl(f"{server.url}/docker/{image.filename}", str(target))
     say(f"cold {attempt + 1}/{bench.plan.cold_runs}: ours {result.total:.2f}s (headers after {result.ttfb:.2f}s), "
-        f"API peak RSS {mib(rss.peak)}")
+        f"API {rss.describe()}")
     return result, rss
 
 
@@ -89,10 +89,9 @@ def _report(bench: Bench, reference: Reference, ours: list[Curl], skopeo_times: 
                      f"{ours_t:.2f} s ({rate(reference.size / ours_t)}), {n}",
                      f"skopeo copy → docker-archive: {skopeo_t:.2f} s", "≤ 1.0× skopeo's time",
                      ours_t <= skopeo_t)
-    cold_peak = max(r.peak for r in rss)
-    bench.report.row(f"API peak RSS, cold {mib(reference.size)} download (embedded: preparation in the API process)",
-                     f"{mib(cold_peak)} sampled (VmHWM {mib(max(r.hwm for r in rss))})", "—",
-                     f"< {RSS_LIMIT_MIB} MiB", cold_peak < RSS_LIMIT_MIB * MiB)
+    cold_peak = max(rss, key=lambda r: r.peak_memory)
+    bench.report.row(f"API memory, cold {mib(reference.size)} download (embedded: preparation in the API process)",
+                     cold_peak.describe(), "—", f"< {RSS_LIMIT_MIB} MiB", cold_peak.peak_memory < RSS_LIMIT_MIB * MiB)
 
 
 def throttled(bench: Bench, registry_url: str, image: Image, big_ref: Reference | None) -> None:
@@ -138,7 +137,7 @@ def throttled(bench: Bench, registry_url: str, image: Image, big_ref: Reference 
         f"cold {mib(reference.size)} image, registry throttled to {rate(THROTTLE_BYTES_PER_SECOND)} per connection",
         f"headers after {result.time_to_headers:.1f} s, Content-Length "
         f"{'exact' if exact else f'{result.content_length} ≠ {reference.size}'}, done after "
-        f"{result.total:.1f} s, bytes {'correct' if correct else 'WRONG'}; API peak RSS {mib(rss.peak)}",
+        f"{result.total:.1f} s, bytes {'correct' if correct else 'WRONG'}; API {rss.describe()}",
         f"upstream transfer alone ≥ {upstream_seconds:.1f} s",
         f"headers ≤ PREPARE_GRACE {bench.grace:g} s + {HEADER_SLACK:g} s, exact length, correct bytes",
         result.time_to_headers <= bench.grace + HEADER_SLACK and exact and correct)
