@@ -14,16 +14,18 @@ class PassthroughError(Exception):
         if code is not None:
             cls.code = code
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
+                 details: dict | None = None):
         super().__init__(message)
         self.message = message
+        self.details = details or {}  # more JSON fields for the user (e.g. the platforms an image has)
         if status is not None:
             self.status = status
         if code is not None:
             self.code = code
 
     def to_dict(self) -> dict:
-        return {"error": self.code, "status": self.status, "message": self.message}
+        return {**self.details, "error": self.code, "status": self.status, "message": self.message}
 
     def headers(self) -> dict[str, str]:
         """HTTP headers the answer needs besides the JSON body."""
@@ -31,8 +33,9 @@ class PassthroughError(Exception):
 
     @classmethod
     def from_dict(cls, data: dict) -> "PassthroughError":
+        details = {k: v for k, v in data.items() if k not in ("error", "status", "message")}
         return cls(str(data.get("message", "preparation failed")), status=int(data.get("status", 502)),
-                   code=str(data.get("error", "error")))
+                   code=str(data.get("error", "error")), details=details)
 
 
 class BadRequest(PassthroughError, status=400, code="bad_request"):

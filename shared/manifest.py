@@ -7,7 +7,9 @@ import json
 import re
 from dataclasses import dataclass
 
+from docker_http_passthrough.shared import platforms
 from docker_http_passthrough.shared.errors import InvalidContent, NotFound, Unsupported
+from docker_http_passthrough.shared.platforms import Platform
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -15,6 +17,8 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json", "application/vnd.docker.distribution.manifest.v1+prettyjws")
 
+# At most this many platforms are listed in a platform_not_found answer.
+PLATFORMS_LISTED = 64
 # Set on index entries that are not images but refer to one (BuildKit attestation manifests).
 REFERENCE_TYPE = "vnd.docker.reference.type"
 
@@ -126,24 +130,51 @@ def diff_ids_of(config: bytes) -> list[str]:
     return diff_ids
 
 
-def select_platform(index: bytes, platform: str) -> Descriptor:
-    """Pick the manifest for `platform` ("os/arch[/variant]") by its platform field, never by position."""
-    want_os, want_arch, *rest = platform.split("/")
-    want_variant = rest[0] if rest else None
-    offered = []
+def index_platforms(index: bytes) -> list[tuple[dict, str]]:
+    """The image entries of an index with their platforms as the registry spells them, in index order.
+
+    BuildKit's attestation manifests (platform unknown/unknown) describe an image and are none: left out."""
+    entries = []
     for entry in _list(_load(index), "manifests"):
         if not isinstance(entry, dict):
             raise InvalidContent("the index has an entry that is not a JSON object")
         annotations = entry.get("annotations")
         if isinstance(annotations, dict) and annotations.get(REFERENCE_TYPE):
-            continue  # BuildKit's attestations (platform unknown/unknown) describe an image; they are none
+            continue
         plat = entry.get("platform") if isinstance(entry.get("platform"), dict) else {}
-        offered.append("/".join(str(p) for p in (plat.get("os"), plat.get("architecture"), plat.get("variant")) if p))
-        if plat.get("os") == want_os and plat.get("architecture") == want_arch and (
-            want_variant is None or plat.get("variant") == want_variant
-        ):
-            return _descriptor(entry)
-    listed = ", ".join(offered) or "none"
+        entries.append((entry, platforms.spelled(plat)))
+    return entries
+
+
+def platform_not_found(wanted: Platform, available: list[str]) -> NotFound:
+    """404 naming the platform asked for and listing the ones the image has (also as a JSON field); bounded, as
+    a hostile index could list anything."""
+    available = [spelling[:100] for spelling in available[:PLATFORMS_LISTED]]
+    listed = ", ".join(available) or "none"
     listed = listed if len(listed) <= 300 else listed[:300] + "…"
-    raise NotFound(f"the image has no {platform} variant (offered: {listed})",
-                   code="platform_not_found")
+    return NotFound(f"the image has no {wanted} variant (offered: {listed})",
+                    code="platform_not_found", details={"platform": str(wanted), "platforms": available})
+
+
+def select_platform(index: bytes, wanted: Platform) -> Descriptor:
+    """Pick the manifest for `wanted` by its platform field, never by position. An exact match (after
+    normalising, see `platforms`) wins; a request without a variant otherwise takes the first entry of its
+    os and architecture (linux/arm on an index with only arm/v6)."""
+    entries = index_platforms(index)
+    fits = [platforms.fit(platforms.offered(entry.get("platform")), wanted) for entry, _spelling in entries]
+    if any(fits):
+        return _descriptor(entries[fits.index(max(fits))][0])  # index() gives the first of the best
+    raise platform_not_found(wanted, [spelling for _entry, spelling in entries])
+
+
+def check_config_platform(config: bytes, wanted: Platform) -> None:
+    """A single-platform image serves only the platform its config names (a config that names none serves
+    any): an arm64 image asked for as linux/amd64 is a 404 naming linux/arm64, never an image that cannot run."""
+    try:
+        doc = json.loads(config)
+    except (ValueError, RecursionError):
+        raise InvalidContent("the image config is not valid JSON") from None
+    have = platforms.offered(doc)
+    if have is None or platforms.fit(have, wanted):
+        return
+    raise platform_not_found(wanted, [platforms.spelled(doc)])

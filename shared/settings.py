@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Mapping
 from urllib.parse import urlsplit
 
+from docker_http_passthrough.shared.platforms import PlatformError, parse_platform
+
 CLIENT_AUTH_MODES = ("optional", "required", "off")
 DOCKER_HUB_API = "https://registry-1.docker.io"
 
@@ -172,9 +174,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     if (env.get("LOG_FORMAT") or "text").strip().lower() not in ("text", "json"):
         raise SettingsError(f"LOG_FORMAT={env.get('LOG_FORMAT')!r} must be text or json")
-    platform = env.get("PLATFORM") or "linux/amd64"
-    if not 2 <= len(platform.split("/")) <= 3 or not all(platform.split("/")):
-        raise SettingsError(f"PLATFORM={platform!r} must look like os/architecture[/variant]")
+    try:
+        platform = str(parse_platform(env.get("PLATFORM") or "linux/amd64"))
+    except PlatformError as exc:
+        raise SettingsError(f"PLATFORM: {exc}") from None
 
     return Settings(
         registry_url=registry_url,
