@@ -52,11 +52,17 @@ async def download_or_prewarm(request: Request) -> Response:
     return await (prewarm(request) if request.method == "POST" else download(request))
 
 
-DOWNLOAD_PATHS = (
+ROUTE_PATHS = (
     "/docker/{filename}",
     "/registry/{scheme}/{host}/docker/{filename}",
     "/registry-auth/{scheme}/{host}/docker/{filename}",
+    "/ref/{reference:path}",
+    "/ref-auth/{reference:path}",
 )
+# Each route also answers behind a platform. Without a variant first: a /ref/ reference may start with a
+# component that would otherwise read as a variant (/platform/linux/arm64/ref/docker/x.tar).
+PLATFORM_PREFIXES = ("", "/platform/{os}/{arch}", "/platform/{os}/{arch}/{variant}")
+DOWNLOAD_PATHS = tuple(prefix + path for prefix in PLATFORM_PREFIXES for path in ROUTE_PATHS)
 
 
 def create_app(settings: Settings) -> Starlette:

@@ -22,6 +22,7 @@ from docker_http_passthrough.api.ranges import UnsatisfiableRange, requested_ran
 from docker_http_passthrough.api.resolution import (
     ImageRequest,
     Resolution,
+    auth_route,
     image_attributes,
     parse_image_request,
     resolve,
@@ -54,7 +55,7 @@ def refusal_response(exc: PassthroughError, wanted: ImageRequest | None, may_cha
 
 def _may_challenge(request: Request) -> bool:
     settings = request.app.state.settings
-    return request.url.path.startswith("/registry-auth/") or settings.registry_client_auth != "off"
+    return auth_route(request) or settings.registry_client_auth != "off"
 
 
 def _spec(wanted: ImageRequest, resolution: Resolution) -> JobSpec:
@@ -75,7 +76,7 @@ async def download(request: Request) -> Response:
     try:
         wanted = parse_image_request(request)
         attributes.update(image_attributes(request, wanted))
-        _note(request, image=f"{wanted.target.name}/{wanted.image.repository}:{wanted.image.tag}")
+        _note(request, image=f"{wanted.target.name}/{wanted.image}", platform=str(wanted.platform))
         resolution = await resolve(request, wanted)
         name = repo_tag(wanted.image, registry_host=wanted.target.repo_tag_host)
         record = state.store.get_image(resolution.key)
@@ -169,7 +170,8 @@ async def prewarm(request: Request) -> Response:
     except PassthroughError as exc:
         return refusal_response(exc, wanted, _may_challenge(request))
     status_url = f"/status/{job_id}"
-    return JSONResponse({**body, "job_id": job_id, "manifest_digest": resolution.digest, "status_url": status_url},
+    return JSONResponse({**body, "job_id": job_id, "manifest_digest": resolution.digest,
+                         "platform": str(wanted.platform), "status_url": status_url},
                         status_code=status, headers={"Location": status_url})
 
 

@@ -21,7 +21,7 @@ from docker_http_passthrough.shared.telemetry import current_trace_id, tracer
 log = logging.getLogger("docker_http_passthrough.access")
 
 UNTRACED_PATHS = ("/health", "/metrics")
-DOWNLOAD_PREFIXES = ("/docker/", "/registry/", "/registry-auth/")
+DOWNLOAD_PREFIXES = ("/docker/", "/registry/", "/registry-auth/", "/ref/", "/ref-auth/", "/platform/")
 # How a client that hangs up shows: the server cancels the request, or a send fails.
 _DISCONNECTS = (OSError, ClientDisconnect, asyncio.CancelledError)
 

@@ -8,6 +8,7 @@ reached through `Registries`, which the API app and each worker process own.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -41,6 +42,9 @@ class Registries:
     def __init__(self, http: httpx.AsyncClient, auth: AuthCache | None = None):
         self.http = http
         self.auth = AuthCache() if auth is None else auth
+        # Small blobs being fetched, per (registry, repository, digest, identity): requests arriving together
+        # share one GET (see small_blobs).
+        self.fetches: dict[tuple[str, ...], asyncio.Future] = {}
 
     async def __aenter__(self) -> "Registries":
         await self.http.__aenter__()
@@ -57,6 +61,7 @@ class RegistryClient:
                  credentials: Credentials | None = None, bearer_token: str | None = None):
         self.http = registries.http
         self.auth = registries.auth
+        self.fetches = registries.fetches
         self.target = target
         self.repository = repository
         self.credentials = credentials
@@ -74,6 +79,13 @@ class RegistryClient:
                 self._authorization = f"Bearer {cached}"
         elif scheme == "basic" and credentials:
             self._authorization = credentials.basic_header()
+
+    @property
+    def identity(self) -> str:
+        """Whose access this client has, as a cache key (never a secret itself)."""
+        if self.credentials:
+            return self.credentials.identity
+        return "token:" + hashlib.sha256(self.static_token.encode()).hexdigest() if self.static_token else "anonymous"
 
     def _known_challenge(self) -> Challenge:
         if self.target.basic_only:

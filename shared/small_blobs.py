@@ -3,6 +3,7 @@ them before, else fetched, verified and remembered."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Awaitable, Callable
 
 from docker_http_passthrough.shared.registry import RegistryClient
@@ -10,18 +11,36 @@ from docker_http_passthrough.shared.store import Store
 from docker_http_passthrough.shared.telemetry import tracer
 
 
+def stored_blob(client: RegistryClient, store: Store, digest: str) -> bytes | None:
+    """A small blob from the store, if this registry and repository served it before."""
+    if not store.seen(client.target.api_url, client.repository, digest):
+        return None
+    return store.get_blob(digest)
+
+
 async def _small_blob(client: RegistryClient, store: Store, digest: str,
                       fetch: Callable[[str], Awaitable[bytes]]) -> tuple[bytes, bool]:
     """A verified small blob (manifest, index, config): from the store if this registry and repository served
     it before, else fetched and remembered. Returns (bytes, came from the store)."""
     registry, repository = client.target.api_url, client.repository
-    data = store.get_blob(digest) if store.seen(registry, repository, digest) else None
+    data = stored_blob(client, store, digest)
     if data is not None:
         return data, True
-    data = await fetch(digest)
-    store.put_blob(digest, data)
-    store.mark_seen(registry, repository, digest)
-    return data, False
+
+    async def fetch_and_store() -> bytes:
+        fetched = await fetch(digest)
+        store.put_blob(digest, fetched)
+        store.mark_seen(registry, repository, digest)
+        return fetched
+
+    # Requests with the same access that arrive together (a fleet on a cold image) share one GET.
+    key = (registry, repository, digest, client.identity)
+    pending = client.fetches.get(key)
+    if pending is None:
+        pending = client.fetches[key] = asyncio.ensure_future(fetch_and_store())
+        pending.add_done_callback(lambda _done: client.fetches.pop(key, None))
+    # shield: a client that hangs up does not cancel the fetch the others wait for.
+    return await asyncio.shield(pending), False
 
 
 async def manifest_bytes(client: RegistryClient, store: Store, digest: str) -> bytes:
