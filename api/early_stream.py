@@ -111,6 +111,8 @@ async def plan_before_ready(client: RegistryClient, store: Store, guesses: SizeG
             size = path.stat().st_size
         elif layer.media_type in mf.PLAIN_LAYERS:
             size = layer.size
+        elif layer.media_type in mf.ZSTD_LAYERS:
+            return None  # a zstd blob says its size nowhere that one small read can reach
         else:
             size = await guesses.gzip_size(client, layer)
             if size is None:

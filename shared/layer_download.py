@@ -66,19 +66,18 @@ async def _pipeline(response, layer: mf.Descriptor, sink: LayerSink, progress: P
 async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor, diff_id: str,
                       progress: Progress | None = None, index: int = 0) -> int:
     """Download, verify and inflate one layer into the store; returns the tar's size."""
-    gzip = layer.media_type in mf.GZIP_LAYERS
     with tracer().start_as_current_span(f"write_layer_tar_{index}", attributes={
             "oci.layer.index": index, "oci.layer.digest": layer.digest}) as span, \
             store.atomic_writer(store.layer_path(diff_id)) as out:
-        sink = LayerSink(out, gzip)
+        sink = LayerSink(out, mf.compression_of(layer))
         async with client.blob(layer.digest) as response:
             await _pipeline(response, layer, sink, progress)
         await asyncio.to_thread(sink.finish)
         if digest_of(sink.blob_hash) != layer.digest:
             raise InvalidContent(f"layer {layer.digest} does not match its digest (received {sink.blob_size} bytes); "
                                  "nothing was stored")
-        if sink.gzip_error:
-            raise InvalidContent(f"layer {layer.digest} is {sink.gzip_error}; nothing was stored")
+        if sink.inflate_error:
+            raise InvalidContent(f"layer {layer.digest} is {sink.inflate_error}; nothing was stored")
         if digest_of(sink.tar_hash) != diff_id:
             raise InvalidContent(f"layer {layer.digest} unpacks to {digest_of(sink.tar_hash)}, but the image "
                                  f"config says {diff_id} (invalid diff_id); nothing was stored")

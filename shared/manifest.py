@@ -33,6 +33,10 @@ GZIP_LAYERS = frozenset({
     "application/vnd.oci.image.layer.v1.tar+gzip",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
 })
+ZSTD_LAYERS = frozenset({
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+})
 PLAIN_LAYERS = frozenset({
     "application/vnd.docker.image.rootfs.diff.tar",
     "application/vnd.oci.image.layer.v1.tar",
@@ -51,6 +55,13 @@ class Descriptor:
 class ImageManifest:
     config: Descriptor
     layers: tuple[Descriptor, ...]
+
+
+def compression_of(layer: Descriptor) -> str | None:
+    """"gzip", "zstd", or None for an uncompressed layer (parse_image_manifest refused any other type)."""
+    if layer.media_type in GZIP_LAYERS:
+        return "gzip"
+    return "zstd" if layer.media_type in ZSTD_LAYERS else None
 
 
 def check_supported(media_type: str) -> None:
@@ -114,9 +125,9 @@ def parse_image_manifest(data: bytes) -> ImageManifest:
         raise InvalidContent("expected an image manifest but got an index")
     layers = tuple(_descriptor(layer) for layer in _list(doc, "layers"))
     for layer in layers:
-        if layer.media_type not in GZIP_LAYERS | PLAIN_LAYERS:
+        if layer.media_type not in GZIP_LAYERS | ZSTD_LAYERS | PLAIN_LAYERS:
             raise Unsupported(f"layer {layer.digest} has media type {layer.media_type[:100]!r}; "
-                              "only gzip and uncompressed tar layers are supported")
+                              "only gzip, zstd and uncompressed tar layers are supported")
     return ImageManifest(config=_descriptor(doc.get("config")), layers=layers)
 
 
