@@ -73,7 +73,7 @@ def create_app(settings: Settings) -> Starlette:
         swept = store.sweep_partials()
         if swept:
             log.info("removed %d partial files left by crashed writers", swept)
-        async with Registries(new_http_client(settings)) as registries:
+        async with Registries(new_http_client(settings), foreign_layer_hosts=settings.foreign_layer_hosts) as registries:
             app.state.settings = settings
             app.state.store = store
             app.state.registries = registries

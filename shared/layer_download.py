@@ -4,10 +4,15 @@ blob digest and the diff_id verify."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import httpx
 
 from docker_http_passthrough.shared import manifest as mf
 from docker_http_passthrough.shared.digests import digest_of
-from docker_http_passthrough.shared.errors import InvalidContent
+from docker_http_passthrough.shared.errors import InvalidContent, NotFound
+from docker_http_passthrough.shared.foreign_layers import foreign_layer_error, open_foreign
 from docker_http_passthrough.shared.jobs import Progress
 from docker_http_passthrough.shared.layer_sink import LayerSink
 from docker_http_passthrough.shared.metrics import UPSTREAM_BYTES
@@ -63,6 +68,29 @@ async def _pipeline(response, layer: mf.Descriptor, sink: LayerSink, progress: P
     await all_or_nothing(receive(), work())
 
 
+@asynccontextmanager
+async def _layer_blob(client: RegistryClient, layer: mf.Descriptor) -> AsyncIterator[httpx.Response]:
+    """The layer's bytes: a foreign layer from its descriptor's URLs when ALLOW_FOREIGN_LAYERS allows them (the
+    registry if none answers), any other layer from the registry. A foreign layer the registry does not serve
+    either is an error that names it and says what would fetch it."""
+    foreign, problems = await open_foreign(client.http, layer, client.foreign_layer_hosts)
+    if foreign is not None:
+        try:
+            yield foreign
+        finally:
+            await foreign.aclose()
+        return
+    opened = False
+    try:
+        async with client.blob(layer.digest) as response:
+            opened = True
+            yield response
+    except NotFound:
+        if opened or not layer.foreign:
+            raise
+        raise foreign_layer_error(layer, client.foreign_layer_hosts, problems) from None
+
+
 async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor, diff_id: str,
                       progress: Progress | None = None, index: int = 0) -> int:
     """Download, verify and inflate one layer into the store; returns the tar's size."""
@@ -70,7 +98,7 @@ async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor
             "oci.layer.index": index, "oci.layer.digest": layer.digest}) as span, \
             store.atomic_writer(store.layer_path(diff_id)) as out:
         sink = LayerSink(out, mf.compression_of(layer))
-        async with client.blob(layer.digest) as response:
+        async with _layer_blob(client, layer) as response:
             await _pipeline(response, layer, sink, progress)
         await asyncio.to_thread(sink.finish)
         if digest_of(sink.blob_hash) != layer.digest:

@@ -17,6 +17,8 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json", "application/vnd.docker.distribution.manifest.v1+prettyjws")
 
+# At most this many URLs of a foreign layer are tried.
+URLS_KEPT = 8
 # At most this many platforms are listed in a platform_not_found answer.
 PLATFORMS_LISTED = 64
 # Set on index entries that are not images but refer to one (BuildKit attestation manifests).
@@ -37,6 +39,14 @@ ZSTD_LAYERS = frozenset({
     "application/vnd.oci.image.layer.v1.tar+zstd",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
 })
+# Windows base layers and other blobs whose licence keeps registries from serving them: the descriptor's `urls`
+# say where they live.
+FOREIGN_LAYERS = frozenset({
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+})
 PLAIN_LAYERS = frozenset({
     "application/vnd.docker.image.rootfs.diff.tar",
     "application/vnd.oci.image.layer.v1.tar",
@@ -49,6 +59,11 @@ class Descriptor:
     media_type: str
     digest: str
     size: int
+    urls: tuple[str, ...] = ()  # where a foreign (non-distributable) layer may be fetched from instead
+
+    @property
+    def foreign(self) -> bool:
+        return self.media_type in FOREIGN_LAYERS or bool(self.urls)
 
 
 @dataclass(frozen=True)
@@ -108,7 +123,9 @@ def _descriptor(raw: object) -> Descriptor:
         if _DIGEST.fullmatch(digest):
             raise Unsupported(f"digest {digest[:80]!r}: only sha256 digests are supported")
         raise InvalidContent(f"the manifest has a malformed digest {digest[:80]!r}")
-    return Descriptor(media_type, digest, size)
+    urls = raw.get("urls")  # a foreign layer's; bounded, as a hostile manifest could list anything
+    urls = tuple(u for u in urls[:URLS_KEPT] if isinstance(u, str) and len(u) <= 2048) if isinstance(urls, list) else ()
+    return Descriptor(media_type, digest, size, urls)
 
 
 def media_type_of(data: bytes, fallback: str) -> str:

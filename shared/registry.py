@@ -39,9 +39,11 @@ from docker_http_passthrough.shared.telemetry import tracer
 class Registries:
     """One process's way to registries: an HTTP connection pool, and what registries told it about auth."""
 
-    def __init__(self, http: httpx.AsyncClient, auth: AuthCache | None = None):
+    def __init__(self, http: httpx.AsyncClient, auth: AuthCache | None = None,
+                 foreign_layer_hosts: tuple[str, ...] = ()):
         self.http = http
         self.auth = AuthCache() if auth is None else auth
+        self.foreign_layer_hosts = foreign_layer_hosts  # ALLOW_FOREIGN_LAYERS (see foreign_layers)
         # Small blobs being fetched, per (registry, repository, digest, identity): requests arriving together
         # share one GET (see small_blobs).
         self.fetches: dict[tuple[str, ...], asyncio.Future] = {}
@@ -62,6 +64,7 @@ class RegistryClient:
         self.http = registries.http
         self.auth = registries.auth
         self.fetches = registries.fetches
+        self.foreign_layer_hosts = registries.foreign_layer_hosts
         self.target = target
         self.repository = repository
         self.credentials = credentials

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping
 from urllib.parse import urlsplit
@@ -69,6 +70,9 @@ class Settings:
     max_downloads_per_client: int = 1000
     # Distinct images this process has started preparing and that are not done yet; 0: no limit.
     max_cold_images: int = 32
+    # Hosts that foreign (non-distributable) layers may be fetched from, by their descriptor's URLs: () = none,
+    # ("*",) = any host (the outbound policy still applies); ".example.com" allows its subdomains.
+    foreign_layer_hosts: tuple[str, ...] = ()
 
     @property
     def two_tier(self) -> bool:
@@ -128,6 +132,23 @@ def _byte_size(env: Mapping[str, str], name: str) -> int:
     if value < 0:
         raise SettingsError(f"{name}={raw!r} must not be negative")
     return value
+
+
+_HOST_NAME_RE = re.compile(r"\.?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+def _foreign_layer_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = (env.get("ALLOW_FOREIGN_LAYERS") or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return ()
+    if raw in ("1", "true", "yes", "on", "*"):
+        return ("*",)
+    hosts = tuple(host.strip() for host in raw.split(",") if host.strip())
+    for host in hosts:
+        if not _HOST_NAME_RE.fullmatch(host):
+            raise SettingsError(f"ALLOW_FOREIGN_LAYERS: {host!r} is not a host name (true, false, or a comma-separated "
+                                "list of hosts such as mcr.microsoft.com,.blob.core.windows.net)")
+    return hosts
 
 
 def _http_url(name: str, value: str) -> str:
@@ -211,4 +232,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_connections=int(_number(env, "MAX_CONNECTIONS", 0, kind=int, zero_ok=True)) or None,
         max_downloads_per_client=int(_number(env, "MAX_DOWNLOADS_PER_CLIENT", 1000, kind=int, zero_ok=True)),
         max_cold_images=int(_number(env, "MAX_COLD_IMAGES", 32, kind=int, zero_ok=True)),
+        foreign_layer_hosts=_foreign_layer_hosts(env),
     )

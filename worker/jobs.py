@@ -57,7 +57,7 @@ async def _prepare(settings: Settings, spec: JobSpec, credentials: Credentials |
     store = Store(settings.cache_dir)
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
-        async with Registries(new_http_client(settings), WORKER_AUTH) as registries:
+        async with Registries(new_http_client(settings), WORKER_AUTH, settings.foreign_layer_hosts) as registries:
             client = RegistryClient(registries, spec.registry, spec.repository, credentials, token)
             await prepare_image(client, store, spec.manifest_digest, RedisLocks(redis), settings.layer_concurrency,
                                 progress, settings.cache_max_bytes)
