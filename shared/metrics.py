@@ -19,3 +19,8 @@ JOBS_IN_FLIGHT = Gauge("dhp_jobs_in_flight", "Preparations running in this proce
 STORE_BYTES = Gauge("dhp_store_layer_bytes", "Bytes of unpacked layers in the store")
 QUEUE_DEPTH = Gauge("dhp_queue_depth", "Preparation jobs waiting in the RQ queue")
 WAITING_REQUESTS = Gauge("dhp_requests_waiting_for_preparation", "Requests waiting for a preparation")
+RATELIMIT_LIMIT = Gauge("dhp_registry_ratelimit_limit",
+                        "Pulls a registry allows per window, as its last ratelimit-limit header said", ["registry"])
+RATELIMIT_REMAINING = Gauge("dhp_registry_ratelimit_remaining",
+                            "Pulls left in the window, as the registry's last ratelimit-remaining header said",
+                            ["registry"])

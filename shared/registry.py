@@ -30,6 +30,7 @@ from docker_http_passthrough.shared.errors import (
     Unreachable,
 )
 from docker_http_passthrough.shared.metrics import UPSTREAM
+from docker_http_passthrough.shared.rate_limits import RateLimits, describe
 from docker_http_passthrough.shared.registry_auth import AuthCache, Challenge, TokenKey, parse_challenge
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.targets import Credentials, RegistryTarget
@@ -44,6 +45,7 @@ class Registries:
         self.http = http
         self.auth = AuthCache() if auth is None else auth
         self.foreign_layer_hosts = foreign_layer_hosts  # ALLOW_FOREIGN_LAYERS (see foreign_layers)
+        self.rate_limits = RateLimits()
         # Small blobs being fetched, per (registry, repository, digest, identity): requests arriving together
         # share one GET (see small_blobs).
         self.fetches: dict[tuple[str, ...], asyncio.Future] = {}
@@ -65,6 +67,7 @@ class RegistryClient:
         self.auth = registries.auth
         self.fetches = registries.fetches
         self.foreign_layer_hosts = registries.foreign_layer_hosts
+        self.rate_limits = registries.rate_limits
         self.target = target
         self.repository = repository
         self.credentials = credentials
@@ -221,6 +224,8 @@ class RegistryClient:
                     span.set_attribute("error.type", type(exc).__name__)
                     raise Unreachable(f"the registry {self.target.name} is unreachable ({type(exc).__name__})") from None
                 UPSTREAM.labels(operation, str(response.status_code)).inc()
+                if "ratelimit-remaining" in response.headers:
+                    self.rate_limits.observe(self.target.name, response.headers)
                 span.set_attribute("http.response.status_code", response.status_code)
                 if method == "GET" and response.headers.get("content-length", "").isdigit():
                     span.set_attribute("http.response.body.size", int(response.headers["content-length"]))
@@ -243,7 +248,9 @@ class RegistryClient:
         if status in (401, 403):
             raise self._refusal(response)
         if status == 429:
-            raise Unreachable(f"the registry {self.target.name} is rate-limiting requests (HTTP 429)", code="rate_limited")
+            said = describe(response.headers)
+            raise Unreachable(f"the registry {self.target.name} is rate-limiting requests (HTTP 429"
+                              f"{', ' + said if said else ''})", code="rate_limited")
         raise Unreachable(f"the registry {self.target.name} answered HTTP {status} for {what}")
 
     async def head_manifest(self, reference: str) -> mf.Descriptor:
