@@ -169,13 +169,8 @@ def reference_from_path(path: str) -> Reference:
 
 def ref_path(ref: Reference, *, client_auth: bool = False) -> str:
     """The path on this server that downloads `ref`: `/ref/<reference>.tar` (`/ref-auth/` when the client must
-    send registry credentials). The reference keeps "/", ":" and "@" as they are: all three are plain path
-    characters in a URL and no query string is needed. Only IPv6 brackets are encoded (curl reads "[" as a
-    glob); any other character may be percent-encoded by whoever finds it safer."""
-    spelled = ref.familiar
-    try:
-        if parse_normalized(spelled) != ref:
-            spelled = str(ref)
-    except ReferenceError:  # docker.io/<64 hex>: its short form would read as an image id
-        spelled = str(ref)
-    return (AUTH_ROUTE if client_auth else ROUTE) + quote(spelled, safe="/:@") + EXTENSION
+    send registry credentials). The reference is spelled in full (`docker.io/library/nginx:1.25`: no rule needed
+    to read it back) and keeps "/", ":" and "@" as they are: all three are plain path characters in a URL, and no
+    query string is needed. Only IPv6 brackets are encoded (curl reads "[" as a glob); anyone may percent-encode
+    any other character, the server decodes the path before reading it."""
+    return (AUTH_ROUTE if client_auth else ROUTE) + quote(str(ref), safe="/:@") + EXTENSION
