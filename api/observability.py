@@ -165,13 +165,14 @@ class TelemetryMiddleware:
             CACHE.labels("hit" if info["cache_hit"] else "miss").inc()
         fields = {
             "event": "download", "method": scope["method"], "path": scope["path"], "image": info.get("image"),
-            "digest": info.get("digest"), "status": status, "bytes": sent, "duration_s": round(seconds, 3),
+            "platform": info.get("platform"), "digest": info.get("digest"), "status": status, "bytes": sent, "duration_s": round(seconds, 3),
             "cache_hit": info.get("cache_hit"), "complete": completed, "trace_id": current_trace_id(),
             "error": info.get("error") or crash,
         }
         note = "" if completed else f" (failed: {crash})" if crash else " (connection closed early)"
-        log.info("%s %s %s image=%s digest=%s bytes=%d duration=%.3fs cache_hit=%s trace_id=%s%s",
-                 scope["method"], scope["path"], status, fields["image"], fields["digest"], sent, seconds,
+        log.info("%s %s %s image=%s platform=%s digest=%s bytes=%d duration=%.3fs cache_hit=%s trace_id=%s%s",
+                 scope["method"], scope["path"], status, fields["image"], fields["platform"], fields["digest"], sent,
+                 seconds,
                  fields["cache_hit"], fields["trace_id"], note, extra={"fields": fields})
 
 

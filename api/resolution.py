@@ -146,7 +146,8 @@ def _image_from_reference(request: Request) -> tuple[RegistryTarget, ImageName, 
     except ValueError as exc:
         raise BadRequest(str(exc), code="bad_registry") from None
     image = ImageName(ref.path, ref.tag, ref.digest)
-    return target, image, f"{ref.path.rsplit('/', 1)[-1]}_{image.archive_tag[:19]}.tar"
+    # As the page and `url` name the file on the switch (routes.local_filename): a digest by its first 12 digits.
+    return target, image, f"{ref.path.rsplit('/', 1)[-1]}_{image.tag or image.archive_tag[:19]}.tar"
 
 
 def parse_image_request(request: Request) -> ImageRequest:
