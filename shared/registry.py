@@ -29,6 +29,7 @@ from docker_http_passthrough.shared.errors import (
     Unauthorized,
     Unreachable,
 )
+from docker_http_passthrough.shared.locks import LocalLocks, Locks
 from docker_http_passthrough.shared.metrics import UPSTREAM
 from docker_http_passthrough.shared.rate_limits import RateLimits, describe
 from docker_http_passthrough.shared.registry_auth import AuthCache, Challenge, TokenKey, parse_challenge
@@ -41,7 +42,7 @@ class Registries:
     """One process's way to registries: an HTTP connection pool, and what registries told it about auth."""
 
     def __init__(self, http: httpx.AsyncClient, auth: AuthCache | None = None,
-                 foreign_layer_hosts: tuple[str, ...] = ()):
+                 foreign_layer_hosts: tuple[str, ...] = (), blob_locks: Locks | None = None):
         self.http = http
         self.auth = AuthCache() if auth is None else auth
         self.foreign_layer_hosts = foreign_layer_hosts  # ALLOW_FOREIGN_LAYERS (see foreign_layers)
@@ -49,6 +50,8 @@ class Registries:
         # Small blobs being fetched, per (registry, repository, digest, identity): requests arriving together
         # share one GET (see small_blobs).
         self.fetches: dict[tuple[str, ...], asyncio.Future] = {}
+        # Across processes too (API replicas and workers share Redis in two-tier mode): one GET per small blob.
+        self.blob_locks: Locks = blob_locks or LocalLocks()
 
     async def __aenter__(self) -> "Registries":
         await self.http.__aenter__()
@@ -66,6 +69,7 @@ class RegistryClient:
         self.http = registries.http
         self.auth = registries.auth
         self.fetches = registries.fetches
+        self.blob_locks = registries.blob_locks
         self.foreign_layer_hosts = registries.foreign_layer_hosts
         self.rate_limits = registries.rate_limits
         self.target = target

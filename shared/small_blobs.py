@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable
 
+from redis.exceptions import RedisError
+
 from docker_http_passthrough.shared.registry import RegistryClient
 from docker_http_passthrough.shared.store import Store
 from docker_http_passthrough.shared.telemetry import tracer
@@ -27,11 +29,21 @@ async def _small_blob(client: RegistryClient, store: Store, digest: str,
     if data is not None:
         return data, True
 
-    async def fetch_and_store() -> bytes:
+    async def fetch_unless_stored() -> bytes:
+        stored = stored_blob(client, store, digest)  # another process may have fetched it while we waited
+        if stored is not None:
+            return stored
         fetched = await fetch(digest)
         store.put_blob(digest, fetched)
         store.mark_seen(registry, repository, digest)
         return fetched
+
+    async def fetch_and_store() -> bytes:
+        try:
+            async with client.blob_locks.hold(f"blob-{digest}"):
+                return await fetch_unless_stored()
+        except RedisError:  # the lock saves a GET; without Redis, fetch anyway
+            return await fetch_unless_stored()
 
     # Requests with the same access that arrive together (a fleet on a cold image) share one GET.
     key = (registry, repository, digest, client.identity)

@@ -57,9 +57,11 @@ async def _prepare(settings: Settings, spec: JobSpec, credentials: Credentials |
     store = Store(settings.cache_dir)
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
-        async with Registries(new_http_client(settings), WORKER_AUTH, settings.foreign_layer_hosts) as registries:
+        locks = RedisLocks(redis)
+        async with Registries(new_http_client(settings), WORKER_AUTH, settings.foreign_layer_hosts,
+                              locks) as registries:
             client = RegistryClient(registries, spec.registry, spec.repository, credentials, token)
-            await prepare_image(client, store, spec.manifest_digest, RedisLocks(redis), settings.layer_concurrency,
+            await prepare_image(client, store, spec.manifest_digest, locks, settings.layer_concurrency,
                                 progress, settings.cache_max_bytes)
     finally:
         await redis.aclose()
