@@ -19,6 +19,7 @@ from docker_http_passthrough.api.early_stream import SizeGuesses
 from docker_http_passthrough.api.embedded_preparer import EmbeddedPreparer
 from docker_http_passthrough.api.http_errors import EXCEPTION_HANDLERS
 from docker_http_passthrough.api.limits import ClientDownloads, ColdImages, PerClientDownloads
+from docker_http_passthrough.api.keyless import STARTUP_NOTE, KeylessPreparer
 from docker_http_passthrough.api.observability import TelemetryMiddleware, metrics
 from docker_http_passthrough.api.page import index, info
 from docker_http_passthrough.api.queue_preparer import QueuePreparer
@@ -87,10 +88,12 @@ def create_app(settings: Settings) -> Starlette:
             app.state.size_guesses = SizeGuesses()
             app.state.cold_images = ColdImages(settings.max_cold_images)
             if settings.two_tier:
-                if not settings.credentials_key:
-                    log.warning("CREDENTIALS_KEY is not set: requests with client credentials will get 503 in "
-                                "two-tier mode")
                 app.state.preparer = QueuePreparer(settings, store)
+                if not settings.credentials_key:
+                    log.warning(STARTUP_NOTE)
+                    queue = app.state.preparer
+                    app.state.preparer = KeylessPreparer(queue, EmbeddedPreparer(settings, store, registries,
+                                                                                 locks=RedisLocks(queue.redis)))
             else:
                 app.state.preparer = EmbeddedPreparer(settings, store, registries)
             try:

@@ -8,7 +8,7 @@ import time
 from docker_http_passthrough.api.preparation import JobState, wait_span
 from docker_http_passthrough.shared.errors import PassthroughError, PreparationFailed, TimedOut, failure_of
 from docker_http_passthrough.shared.jobs import JobSpec, Progress, key_of_job
-from docker_http_passthrough.shared.locks import LocalLocks
+from docker_http_passthrough.shared.locks import LocalLocks, Locks
 from docker_http_passthrough.shared.prepare import prepare_image
 from docker_http_passthrough.shared.registry import Registries, RegistryClient
 from docker_http_passthrough.shared.settings import Settings
@@ -18,11 +18,11 @@ from docker_http_passthrough.shared.telemetry import inject_context
 
 
 class EmbeddedPreparer:
-    def __init__(self, settings: Settings, store: Store, registries: Registries):
+    def __init__(self, settings: Settings, store: Store, registries: Registries, locks: Locks | None = None):
         self.settings = settings
         self.store = store
         self.registries = registries
-        self.locks = LocalLocks()
+        self.locks = locks or LocalLocks()  # two-tier without CREDENTIALS_KEY: the workers' Redis locks
         self.running: dict[str, tuple[asyncio.Task, Progress, dict]] = {}
         self.failures: dict[str, tuple[float, PassthroughError]] = {}  # recent failures, for the status route
 
