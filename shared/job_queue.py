@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,6 +40,9 @@ START_GRACE = 3.0
 RESULT_TTL = 600
 # After a job reported its outcome, how long RQ may take to mark it finished.
 SETTLE_TIMEOUT = 5.0
+# An idle worker re-registers with RQ every WORKER_TTL - 15 s (RQ's dequeue timeout); a busy one does not (the
+# job runs in its thread), but the job beats every second under heartbeat_key. `worker_health` relies on both.
+WORKER_TTL = 60
 
 
 class PreparationJob(Job):
@@ -181,7 +185,44 @@ class PreparationQueue:
         # Jobs run in the worker process itself (no fork per job): they are asyncio I/O with bounded buffers,
         # so nothing needs a fresh process, and metrics and tracing stay in one registry and one provider. A
         # job past JOB_TIMEOUT is still stopped (SIGALRM), and a dead worker is noticed by its missing heartbeat.
-        return SimpleWorker([self.queue], connection=self.connection, name=name, job_class=PreparationJob)
+        # SIGTERM is RQ's warm shutdown: the running job finishes, then the worker exits; a second SIGTERM stops
+        # the job at once (it reports worker_stopped). Give a worker a stop grace period of JOB_TIMEOUT.
+        return SimpleWorker([self.queue], connection=self.connection, name=name, job_class=PreparationJob,
+                            worker_ttl=WORKER_TTL)
+
+    def worker_health(self, name: str | None, max_age: float) -> tuple[bool, str]:
+        """(alive, what was found) for the worker called ``name``, or else any worker registered from this host
+        name (container, pod): registered, not stopped, and either an RQ heartbeat within ``max_age`` seconds
+        or busy with a job that is beating."""
+        if name is not None:
+            found = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name, connection=self.connection)
+            workers = [found] if found is not None else []
+        else:
+            host = socket.gethostname()
+            workers = [w for w in Worker.all(connection=self.connection, queue=self.queue) if w.hostname == host]
+        if not workers:
+            who = f"named {name}" if name else f"on host {socket.gethostname()}"
+            return False, f"no worker {who} is registered for queue {self.queue.name}"
+        reasons = []
+        for worker in workers:
+            reason = self._why_not_alive(worker, max_age)
+            if reason is None:
+                return True, f"worker {worker.name} is registered and alive ({worker.get_state()})"
+            reasons.append(reason)
+        return False, "; ".join(reasons)
+
+    def _why_not_alive(self, worker: Worker, max_age: float) -> str | None:
+        if worker.death_date is not None:  # stopped: RQ keeps its record for a minute
+            return f"no worker: {worker.name} stopped at {worker.death_date:%H:%M:%S} UTC"
+        if worker.last_heartbeat is None:
+            return f"worker {worker.name} has never sent a heartbeat"
+        age = (datetime.now(timezone.utc) - worker.last_heartbeat).total_seconds()
+        if age <= max_age:
+            return None
+        job_id = worker.get_current_job_id()
+        if job_id and self.connection.exists(heartbeat_key(job_id)):
+            return None  # busy with a job that is beating
+        return f"worker {worker.name}: last heartbeat {age:.0f}s ago (more than {max_age:g}s) and no job beating"
 
     def close(self) -> None:
         self.connection.close()

@@ -103,18 +103,22 @@ def prepare(target: dict, repository: str, manifest_digest: str, credential_sour
     beat = threading.Thread(target=_beat, daemon=True,
                             args=(connection, job.id, progress, stop, int(settings.worker_lost_timeout * 1000)))
     beat.start()
-    outcome: dict = {"ok": True}
+    outcome: dict | None = None  # stays None only when the job is stopped from outside (cold shutdown)
     setup_tracing("worker")
     # The API's trace context rides in the job's meta: our spans continue the request's trace.
     token_ctx = otel_context.attach(extract_context(job.meta.get("trace")))
     try:
         credentials, token = _credentials(settings, spec, connection.get(credentials_key(job.id)))
         asyncio.run(_prepare(settings, spec, credentials, token, progress))
+        outcome = {"ok": True}
         return outcome
     except Exception as exc:
         outcome = {"ok": False, **failure_of(exc).to_dict()}
         raise
     finally:
+        if outcome is None:  # SystemExit from a second SIGTERM (RQ's cold shutdown): tell the waiters now
+            outcome = {"ok": False, "error": "worker_stopped", "status": 503,
+                       "message": "the worker preparing this image was stopped before it finished; ask again"}
         otel_context.detach(token_ctx)
         flush_tracing()  # send this job's spans now: a worker stopped between jobs must not lose them
         stop.set()

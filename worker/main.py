@@ -10,6 +10,7 @@ from redis import Redis
 from docker_http_passthrough.shared.job_queue import PreparationQueue
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import Store
+from docker_http_passthrough.worker.health import write_name
 
 log = logging.getLogger("docker_http_passthrough.worker")
 
@@ -22,7 +23,7 @@ def serve_metrics(port: int) -> None:
         log.warning("worker metrics port %d unavailable (%s); set WORKER_METRICS_PORT", port, exc)
 
 
-def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> None:
+def run(settings: Settings, *, burst: bool = False, name: str | None = None, name_file: str | None = None) -> None:
     if not settings.redis_url:
         raise SystemExit("the worker needs REDIS_URL: it takes preparation jobs from Redis")
     if settings.worker_metrics_port:
@@ -31,4 +32,7 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
     if swept:
         log.info("removed %d partial files left by crashed writers", swept)
     queue = PreparationQueue(Redis.from_url(settings.redis_url), settings.queue_name)
-    queue.worker(name).work(burst=burst, with_scheduler=False)
+    worker = queue.worker(name)
+    if name_file:
+        write_name(name_file, worker.name)  # for `worker-health --name-file`
+    worker.work(burst=burst, with_scheduler=False)
