@@ -6,6 +6,7 @@ pytest_plugins = [
     "tests.support.service_fixtures",
     "tests.support.spans",
     "tests.support.token_fixtures",
+    "tests.support.deploy_fixtures",
 ]
 
 
