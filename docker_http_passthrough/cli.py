@@ -21,7 +21,8 @@ def log_level(env: dict | os._Environ) -> int:
     return getattr(logging, first, logging.INFO) if first in logging.getLevelNamesMapping() else logging.INFO
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by the tests that check container commands and Kubernetes manifests)."""
     parser = argparse.ArgumentParser(prog="docker-http-passthrough",
                                      description="Serve registry images as docker-save tar files over plain HTTP.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     health.add_argument("--max-age", type=float, default=MAX_HEARTBEAT_AGE, metavar="SECONDS",
                         help="oldest RQ heartbeat that counts as alive while idle (default: %(default)s)")
     add_client_commands(commands)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command in CLIENT_COMMANDS:
         raise SystemExit(CLIENT_COMMANDS[args.command](args))
 
