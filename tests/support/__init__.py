@@ -12,4 +12,6 @@
 - ``fake_registry``: an in-memory registry behind httpx.MockTransport for unit tests.
 - ``asgi``, ``spans``: the app in this process, spans in memory; ``otlp_receiver``: a real OTLP collector.
 - ``testdata``, ``make_testdata``: the fixture files in testdata/ and how they were made.
+- ``base_image``, ``deploy``, ``deploy_fixtures``: the project's container images, built on a local debootstrap
+  base (cached) through the offline wheelhouse path; ``keda_schema``: KEDA's own schema for the ScaledObject.
 """
