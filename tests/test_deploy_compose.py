@@ -1,10 +1,11 @@
 """compose.yaml end to end on the test Docker engine, with Debian's docker-compose: the stack comes up with
-nothing configured, serves an image that loads and runs, survives a worker killed mid-preparation, and leaves
-nothing behind. The engine has no bridge network, so tests/compose/host-network.yaml (test only) puts every
+nothing configured, serves an image that loads and runs and a /registry-auth download, survives a worker
+killed mid-preparation, and leaves nothing behind. The engine has no bridge network, so tests/compose/host-network.yaml (test only) puts every
 service on the host's loopback with free ports; the images are the session's builds."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -19,9 +20,10 @@ import redis
 import yaml
 from rq import Worker
 
-from tests.support.downloads import archive_manifest, get
+from tests.support.downloads import archive_manifest, get, image_url
 from tests.support.faults import BackgroundGet, assert_json_error, wait_until
 from tests.support.images import busybox_layer, make_layer
+from tests.support.registry import htpasswd_auth
 from tests.support.services import REPO_ROOT, child_env, free_port, require
 
 pytestmark = [pytest.mark.e2e, pytest.mark.deploy]
@@ -76,12 +78,12 @@ class ComposeStack:
 
 
 @pytest.fixture
-def compose_stack(docker_engine, deploy_images, tmp_path):
+def compose_stack(deploy_engine, deploy_images, tmp_path):
     require(shutil.which("docker-compose") is not None, "docker-compose is not installed (apt-get install docker-compose)")
     stacks: list[ComposeStack] = []
 
     def make(**env: str) -> ComposeStack:
-        stack = ComposeStack(docker_engine, deploy_images, tmp_path, env)
+        stack = ComposeStack(deploy_engine, deploy_images, tmp_path, env)
         stacks.append(stack)
         stack.run("up", "--detach", "--no-build")
         return stack
@@ -106,8 +108,8 @@ def busy_worker_container(stack: ComposeStack, client: redis.Redis) -> str:
     raise AssertionError(f"no worker container runs a job (busy: {busy})")
 
 
-def test_compose_stack_serves_survives_a_killed_worker_and_leaves_nothing(compose_stack, docker_engine, registry,
-                                                                          unique_repo, tmp_path):
+def test_compose_stack_serves_survives_a_killed_worker_and_leaves_nothing(compose_stack, deploy_engine, registry,
+                                                                          registry_factory, unique_repo, tmp_path):
     message = f"hello from the compose stack {unique_repo}"
     registry.push_image(unique_repo, "v1", [busybox_layer(), make_layer({"m.txt": message.encode() + b"\n"})],
                         cmd=["/bin/busybox", "cat", "/m.txt"])
@@ -121,29 +123,41 @@ def test_compose_stack_serves_survives_a_killed_worker_and_leaves_nothing(compos
     assert len(workers) == 2 and len(stack.containers("api")) == 1 and len(stack.containers("redis")) == 1
     every = stack.containers()
     assert len(every) == 4  # no collector without --profile otel
-    assert wait_until(lambda: all(healthy(docker_engine, c) for c in every), timeout=90), stack.logs()
+    assert wait_until(lambda: all(healthy(deploy_engine, c) for c in every), timeout=90), stack.logs()
     assert httpx.get(f"{stack.url}/health", timeout=5).json()["mode"] == "two-tier"
 
     # 2./3. A download through the stack, then docker load and docker run.
     def url(repository: str) -> str:
-        return f"{stack.url}/registry/http/{registry.host}/docker/{repository.replace('/', '__')}_v1.tar"
+        return image_url(stack.url, registry.host, repository, "v1")
 
     result = get(url(unique_repo))
     assert result.status == 200, result.body[:300]
     repo_tag = archive_manifest(result.body)[0]["RepoTags"][0]
     (tmp_path / "image.tar").write_bytes(result.body)
-    assert f"Loaded image: {repo_tag}" in docker_engine.load(tmp_path / "image.tar")
-    assert docker_engine.run("run", "--rm", "--network", "none", repo_tag).stdout.strip() == message
-    docker_engine.run("rmi", "-f", repo_tag, check=False)
+    assert f"Loaded image: {repo_tag}" in deploy_engine.load(tmp_path / "image.tar")
+    assert deploy_engine.run("run", "--rm", "--network", "none", repo_tag).stdout.strip() == message
+    deploy_engine.run("rmi", "-f", repo_tag, check=False)
+
+    # ... and /registry-auth with the client's own credentials works with nothing configured (no
+    # CREDENTIALS_KEY): prepared in the API container, the password never reaches Redis.
+    private = registry_factory(auth=htpasswd_auth(tmp_path / "htpasswd", {"bob": "builder"}),
+                               push_auth=("bob", "builder"))
+    private.push_image(unique_repo, "v1", [make_layer({"private.txt": b"for bob only"})])
+    auth_url = image_url(stack.url, private.host, unique_repo, "v1", route="registry-auth")
+    assert get(auth_url).status == 401
+    private_download = get(auth_url, auth=("bob", "builder"))
+    assert private_download.status == 200, private_download.body[:300]
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{stack.redis_port}/0")
+    stored = b"".join(key + repr(client.dump(key)).encode() for key in client.scan_iter())
+    assert b"builder" not in stored and base64.b64encode(b"bob:builder") not in stored
 
     # 4. Kill the worker container running a preparation: the waiting download gets a clear error within
     #    WORKER_LOST_TIMEOUT (or its archive), and the next request succeeds on the other worker.
     registry.proxy.throttle_bytes_per_second = 300_000  # ~7 s for the big layer
-    client = redis.Redis.from_url(f"redis://127.0.0.1:{stack.redis_port}/0")
     pending = BackgroundGet(url(big), timeout=120)
     assert wait_until(lambda: client.keys("dhp:heartbeat:*"), timeout=30), stack.logs()
     victim = busy_worker_container(stack, client)
-    docker_engine.run("kill", victim)
+    deploy_engine.run("kill", victim)
     killed_at = time.monotonic()
     lost = pending.join(timeout=LOST_TIMEOUT + 30)
     if lost.status != 200:

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.support.downloads import archive_manifest, get
+from tests.support.downloads import archive_manifest, get, image_url
 from tests.support.faults import wait_until
 from tests.support.images import busybox_layer, make_layer
 from tests.support.services import free_port
@@ -20,9 +20,9 @@ def inspect(engine, image: str) -> dict:
 
 
 @pytest.mark.parametrize("which, port", [("api", "8080/tcp"), ("worker", "9101/tcp")])
-def test_image_is_non_root_labelled_small_and_clean(docker_engine, deploy_images, which, port):
+def test_image_is_non_root_labelled_small_and_clean(deploy_engine, deploy_images, which, port):
     image = getattr(deploy_images, which)
-    info = inspect(docker_engine, image)
+    info = inspect(deploy_engine, image)
     config = info["Config"]
     assert config["User"] == "10001:10001"
     assert port in config["ExposedPorts"]
@@ -32,10 +32,10 @@ def test_image_is_non_root_labelled_small_and_clean(docker_engine, deploy_images
         assert labels.get(f"org.opencontainers.image.{key}"), key
     assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
     assert labels["org.opencontainers.image.revision"] == "test"  # the build argument reached the label
-    added = info["Size"] - inspect(docker_engine, deploy_images.base)["Size"]
+    added = info["Size"] - inspect(deploy_engine, deploy_images.base)["Size"]
     assert added < 150 * 2**20, f"the runtime stage adds {added / 2**20:.0f} MiB to the base"
     # Only the venv came from the build stage: no sources, wheels, compilers or pip caches.
-    leftovers = docker_engine.run(
+    leftovers = deploy_engine.run(
         "run", "--rm", "--network", "none", "--entrypoint", "sh", image, "-c",
         "ls -d /src /wheels /wheelhouse /root/.cache/pip /opt/dhp/bin/pip 2>/dev/null; "
         "command -v gcc cc x86_64-linux-gnu-gcc; id -u; docker-http-passthrough --help >/dev/null && echo cli-ok",
@@ -43,7 +43,7 @@ def test_image_is_non_root_labelled_small_and_clean(docker_engine, deploy_images
     assert leftovers.stdout.split() == ["10001", "cli-ok"], leftovers
 
 
-def test_docker_run_api_image_serves_an_image_that_loads_and_runs(docker_engine, deploy_images, registry,
+def test_docker_run_api_image_serves_an_image_that_loads_and_runs(deploy_engine, deploy_images, registry,
                                                                   unique_repo, tmp_path):
     """`docker run` of the API image alone (embedded mode) as the README shows it, with a named volume for the store
     and a read-only root file system as on Kubernetes."""
@@ -52,26 +52,25 @@ def test_docker_run_api_image_serves_an_image_that_loads_and_runs(docker_engine,
                         cmd=["/bin/busybox", "cat", "/m.txt"])
     port = free_port()
     name = f"dhp-run-{port}"
-    docker_engine.run("run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp",
+    deploy_engine.run("run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp",
                       "--volume", f"{name}:/var/cache/docker-http-passthrough", "-e", f"PORT={port}", "--health-interval", "1s", deploy_images.api,
                       "docker-http-passthrough", "serve", "--host", "127.0.0.1")
     try:
         def health() -> str:
-            state = docker_engine.run("inspect", "--format", "{{.State.Health.Status}}", name).stdout.strip()
-            assert state != "unhealthy", docker_engine.run("logs", name, check=False).stderr
+            state = deploy_engine.run("inspect", "--format", "{{.State.Health.Status}}", name).stdout.strip()
+            assert state != "unhealthy", deploy_engine.run("logs", name, check=False).stderr
             return state
-        assert wait_until(lambda: health() == "healthy", timeout=60), docker_engine.run("logs", name).stderr
+        assert wait_until(lambda: health() == "healthy", timeout=60), deploy_engine.run("logs", name).stderr
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["mode"] == "embedded"
 
-        filename = unique_repo.replace("/", "__") + "_v1.tar"
-        result = get(f"http://127.0.0.1:{port}/registry/http/{registry.host}/docker/{filename}")
+        result = get(image_url(f"http://127.0.0.1:{port}", registry.host, unique_repo, "v1"))
         assert result.status == 200, result.body[:300]
         repo_tag = archive_manifest(result.body)[0]["RepoTags"][0]
         archive = tmp_path / "image.tar"
         archive.write_bytes(result.body)
-        assert f"Loaded image: {repo_tag}" in docker_engine.load(archive)
-        assert docker_engine.run("run", "--rm", "--network", "none", repo_tag).stdout.strip() == message
-        docker_engine.run("rmi", "-f", repo_tag, check=False)
+        assert f"Loaded image: {repo_tag}" in deploy_engine.load(archive)
+        assert deploy_engine.run("run", "--rm", "--network", "none", repo_tag).stdout.strip() == message
+        deploy_engine.run("rmi", "-f", repo_tag, check=False)
     finally:
-        docker_engine.run("rm", "-f", name, check=False)
-        docker_engine.run("volume", "rm", name, check=False)
+        deploy_engine.run("rm", "-f", name, check=False)
+        deploy_engine.run("volume", "rm", name, check=False)

@@ -236,7 +236,7 @@ def test_two_tier_without_credentials_key_prepares_client_credentials_in_the_api
     running = stack("two-tier", env={"LOG_LEVEL": "debug"})
     assert "CREDENTIALS_KEY is not set" in running.server.log_text()
 
-    result = get(registry_url(running, token_registry.host, repo, "v1", route="registry-auth"), auth=ALICE)
+    result = get(image_url(running.url, token_registry.host, repo, "v1", route="registry-auth"), auth=ALICE)
     assert result.status == 200, result.body[:300]
     assert [m for n, m in tar_members(result.body).items() if n.endswith("layer.tar")] == [layer.tar]
     assert token_registry.tokens.count(username="alice") >= 1
@@ -244,7 +244,7 @@ def test_two_tier_without_credentials_key_prepares_client_credentials_in_the_api
     assert list(client.scan_iter("rq:job:*")) == []  # no job: it ran in the API
     assert "prepared" not in "".join(w.log_text() for w in running.workers)
 
-    assert get(registry_url(running, token_registry.host, public, "v1")).status == 200
+    assert get(image_url(running.url, token_registry.host, public, "v1")).status == 200
     assert len(list(client.scan_iter("rq:job:*"))) == 1  # the anonymous one went to a worker
     secrets = [b"wonderland", base64.b64encode(b"alice:wonderland"), b"eyJ"]
     assert _scan_for_secrets(running, secrets) == []

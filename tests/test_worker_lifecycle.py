@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support.downloads import tar_members
+from tests.support.downloads import image_url, tar_members
 from tests.support.faults import BackgroundGet, assert_json_error, run_cli, wait_until
 from tests.support.images import make_layer
 from tests.support.services import REPO_ROOT, child_env, tail
@@ -89,7 +89,7 @@ def slow_image(registry, unique_repo):
     registry.push_image(unique_repo, "v1", [layer])
     registry.proxy.reset()
     registry.proxy.throttle_bytes_per_second = 400_000  # ~5 s for the layer
-    return f"http/{registry.host}/docker/{unique_repo.replace('/', '__')}_v1.tar", layer
+    return image_url("", registry.host, unique_repo, "v1"), layer
 
 
 def wait_for_running_job(running, registry, layer) -> str:
@@ -103,7 +103,7 @@ def test_sigterm_mid_job_finishes_the_job_then_the_worker_exits(stack, registry,
     path, layer = slow_image(registry, unique_repo)
     running = stack("two-tier", workers=1, env={"PREPARE_GRACE": "0"})
     worker = running.workers[0]
-    pending = BackgroundGet(f"{running.url}/registry/{path}", timeout=90)
+    pending = BackgroundGet(running.url + path, timeout=90)
     wait_for_running_job(running, registry, layer)
 
     # Busy with a long job: RQ's own heartbeat is not refreshed, the job's is, so the check says alive.
@@ -124,7 +124,7 @@ def test_second_sigterm_stops_the_job_and_the_waiting_download_is_told(stack, re
     path, layer = slow_image(registry, unique_repo)
     running = stack("two-tier", workers=1, env={"PREPARE_GRACE": "0"})
     worker = running.workers[0]
-    pending = BackgroundGet(f"{running.url}/registry/{path}", timeout=90)
+    pending = BackgroundGet(running.url + path, timeout=90)
     wait_for_running_job(running, registry, layer)
 
     os.kill(worker.pid, signal.SIGTERM)
@@ -138,6 +138,6 @@ def test_second_sigterm_stops_the_job_and_the_waiting_download_is_told(stack, re
 
     registry.proxy.throttle_bytes_per_second = None
     running.add_worker()
-    again = BackgroundGet(f"{running.url}/registry/{path}", timeout=60).join(timeout=60)
+    again = BackgroundGet(running.url + path, timeout=60).join(timeout=60)
     assert again.status == 200, again.body[:300]
     registry.proxy.reset()

@@ -1,5 +1,7 @@
-"""Pytest plugin: this project's container images, built once per session on the session's Docker engine.
+"""Pytest plugin: this project's container images, built once per session on a Docker engine of their own.
 
+deploy_engine (session) -> DockerEngine: a private dockerd for the deployment tests, so their images, containers
+                           and compose stacks never show in the engine the other end-to-end tests share.
 deploy_images (session) -> DeployImages: the API and worker images built from Dockerfile.api / Dockerfile.worker
 through the offline wheelhouse path, FROM a local stand-in for the official slim Python image, which also
 serves as the Redis image (it carries Debian's redis-server).
@@ -16,7 +18,8 @@ import pytest
 
 from tests.support.base_image import import_base
 from tests.support.deploy import build_context, build_image, wheelhouse
-from tests.support.services import require
+from tests.support.service_fixtures import private_docker_engine
+from tests.support.services import DockerEngine, require
 
 
 @dataclass(frozen=True)
@@ -32,10 +35,15 @@ class DeployImages:
 
 
 @pytest.fixture(scope="session")
-def deploy_images(docker_engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployImages]:
+def deploy_engine() -> Iterator[DockerEngine]:
+    yield from private_docker_engine()
+
+
+@pytest.fixture(scope="session")
+def deploy_images(deploy_engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployImages]:
     require(os.path.exists("/usr/sbin/debootstrap"), "debootstrap is not installed (apt-get install debootstrap)")
-    base = import_base(docker_engine, "dhp-test-base:latest")
+    base = import_base(deploy_engine, "dhp-test-base:latest")
     context = build_context(tmp_path_factory.mktemp("image-context") / "context", wheelhouse())
-    api = build_image(docker_engine, context, "Dockerfile.api", "dhp-test-api:latest", base)
-    worker = build_image(docker_engine, context, "Dockerfile.worker", "dhp-test-worker:latest", base)
+    api = build_image(deploy_engine, context, "Dockerfile.api", "dhp-test-api:latest", base)
+    worker = build_image(deploy_engine, context, "Dockerfile.worker", "dhp-test-worker:latest", base)
     yield DeployImages(base=base, api=api, worker=worker, context=context)

@@ -3,7 +3,8 @@
 Fixtures
 --------
 redis_server   (function) -> RedisProcess: a fresh redis-server on a free port.
-docker_engine  (session)  -> DockerEngine: one private dockerd shared by the session.
+docker_engine  (session)  -> DockerEngine: one private dockerd shared by the session
+                             (the deployment tests have their own, see deploy_fixtures).
 stack          (function) -> factory ``stack(mode, *, workers=2, env=None, cache_dir=None)``
                              returning a running :class:`Stack`.
 mode           (function, parametrized "embedded" / "two-tier") -> str: request it
@@ -45,6 +46,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
 
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[DockerEngine]:
+    yield from private_docker_engine()
+
+
+def private_docker_engine() -> Iterator[DockerEngine]:
+    """A dockerd of its own for a session fixture (skips, or fails under DHP_REQUIRE_ALL, when none starts)."""
     missing = [name for name in ("dockerd", "docker") if find_binary(name) is None]
     require(not missing, f"Docker engine unavailable: {', '.join(missing)} not found")
     # A rootless dockerd needs a whole different setup; these tests assume root.
