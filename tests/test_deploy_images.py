@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.support.downloads import archive_manifest, get, image_url
+from tests.support.deploy import build_context, build_image
 from tests.support.faults import wait_until
 from tests.support.images import busybox_layer, make_layer
 from tests.support.services import free_port
@@ -74,3 +75,18 @@ def test_docker_run_api_image_serves_an_image_that_loads_and_runs(deploy_engine,
     finally:
         deploy_engine.run("rm", "-f", name, check=False)
         deploy_engine.run("volume", "rm", name, check=False)
+
+
+def test_api_image_builds_from_the_package_index_with_network_host(deploy_engine, deploy_images, tmp_path):
+    """The other build path: an empty wheelhouse/, so the build stage asks the package index (reachable here
+    only with --network host and the base image's copy of this machine's CA bundle)."""
+    context = build_context(tmp_path / "context", wheels=None)
+    assert not list((context / "wheelhouse").glob("*.whl"))
+    image = build_image(deploy_engine, context, "Dockerfile.api", "dhp-test-api:from-index", deploy_images.base,
+                        "--network", "host")
+    try:
+        ran = deploy_engine.run("run", "--rm", "--network", "none", image, "python", "-c",
+                                "from docker_http_passthrough.api.app import create_app; print('imports ok')")
+        assert ran.stdout.strip() == "imports ok"
+    finally:
+        deploy_engine.run("rmi", "-f", image, check=False)
