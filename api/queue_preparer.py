@@ -128,9 +128,8 @@ class QueuePreparer:
     def _sealed(self, spec: JobSpec, credentials: Credentials | None) -> bytes | None:
         if spec.credential_source != "client":
             return None
-        if not self.settings.credentials_key:
-            raise Unavailable("two-tier mode needs CREDENTIALS_KEY (the same on API and workers) to hand the "
-                              "client's registry credentials to a worker", code="credentials_key_missing")
+        if not self.settings.credentials_key:  # the app never sends such a job here (api/keyless.py)
+            raise RuntimeError("client credentials reach a worker only sealed with CREDENTIALS_KEY")
         return seal_credentials(credentials, self.settings.credentials_key)
 
     async def _start(self, spec: JobSpec, credentials: Credentials | None) -> tuple[str, dict | None]:

@@ -63,6 +63,8 @@ def test_docker_run_api_image_serves_an_image_that_loads_and_runs(deploy_engine,
             return state
         assert wait_until(lambda: health() == "healthy", timeout=60), deploy_engine.run("logs", name).stderr
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["mode"] == "embedded"
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)  # the page ships inside the image
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
 
         result = get(image_url(f"http://127.0.0.1:{port}", registry.host, unique_repo, "v1"))
         assert result.status == 200, result.body[:300]

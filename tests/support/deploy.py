@@ -19,9 +19,6 @@ from pathlib import Path
 from tests.support.base_image import CACHE_ROOT
 from tests.support.services import REPO_ROOT, child_env
 
-# What a build context holds: what .dockerignore lets through, taken from the working tree.
-CONTEXT_FILES = ("pyproject.toml", "README.md", "LICENSE", ".dockerignore", "Dockerfile.api", "Dockerfile.worker")
-CONTEXT_DIRS = ("docker_http_passthrough", "api", "worker", "shared", "wheelhouse")
 # The base image's Python is Debian's 3.11.2, this host's may be newer: wheels that only older patch releases
 # need (redis wants async-timeout before 3.11.3) are added by hand, since pip resolves for the running Python.
 IMAGE_PYTHON_EXTRAS = ("async-timeout>=4.0.3",)
@@ -46,12 +43,16 @@ def wheelhouse() -> Path:
 
 
 def build_context(directory: Path, wheels: Path | None) -> Path:
-    """A copy of the repository's build inputs; ``wheels`` (if given) fills its wheelhouse/."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in CONTEXT_FILES:
-        shutil.copy2(REPO_ROOT / name, directory / name)
-    for name in CONTEXT_DIRS:
-        shutil.copytree(REPO_ROOT / name, directory / name, ignore=shutil.ignore_patterns("__pycache__", "*.whl"))
+    """A copy of the working tree as `docker build .` would see it from the repository root (the files git
+    tracks or would track; .dockerignore then picks what the build gets); ``wheels`` fills its wheelhouse/."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO_ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, directory / name)
+    (directory / "wheelhouse").mkdir(parents=True, exist_ok=True)
     if wheels is not None:
         for wheel in wheels.glob("*.whl"):
             shutil.copy2(wheel, directory / "wheelhouse" / wheel.name)
