@@ -18,8 +18,8 @@ from docker_http_passthrough.api.download_routes import download, job_status, pr
 from docker_http_passthrough.api.early_stream import SizeGuesses
 from docker_http_passthrough.api.embedded_preparer import EmbeddedPreparer
 from docker_http_passthrough.api.http_errors import EXCEPTION_HANDLERS
-from docker_http_passthrough.api.limits import ClientDownloads, ColdImages, PerClientDownloads
 from docker_http_passthrough.api.keyless import STARTUP_NOTE, KeylessPreparer
+from docker_http_passthrough.api.limits import ClientDownloads, ColdImages, PerClientDownloads
 from docker_http_passthrough.api.observability import TelemetryMiddleware, metrics
 from docker_http_passthrough.api.page import index, info
 from docker_http_passthrough.api.queue_preparer import QueuePreparer
