@@ -91,9 +91,8 @@ def create_app(settings: Settings) -> Starlette:
                 app.state.preparer = QueuePreparer(settings, store)
                 if not settings.credentials_key:
                     log.warning(STARTUP_NOTE)
-                    queue = app.state.preparer
-                    app.state.preparer = KeylessPreparer(queue, EmbeddedPreparer(settings, store, registries,
-                                                                                 locks=RedisLocks(queue.redis)))
+                    app.state.preparer = KeylessPreparer(app.state.preparer, EmbeddedPreparer(
+                        settings, store, registries, locks=blob_locks))
             else:
                 app.state.preparer = EmbeddedPreparer(settings, store, registries)
             try:
