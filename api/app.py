@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from docker_http_passthrough.api.download_routes import download, job_status, prewarm
-from docker_http_passthrough.api.early_stream import SizeGuesses
+from docker_http_passthrough.api.size_probes import SizeGuesses
 from docker_http_passthrough.api.embedded_preparer import EmbeddedPreparer
 from docker_http_passthrough.api.http_errors import EXCEPTION_HANDLERS
 from docker_http_passthrough.api.keyless import STARTUP_NOTE, KeylessPreparer

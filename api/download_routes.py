@@ -17,7 +17,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from docker_http_passthrough.api.archive_headers import archive_headers
 from docker_http_passthrough.api.archive_stream import stream_archive
 from docker_http_passthrough.api.client_auth import CHALLENGE
-from docker_http_passthrough.api.early_stream import EarlyGate, plan_before_ready
+from docker_http_passthrough.api.early_gate import EarlyGate
+from docker_http_passthrough.api.early_stream import plan_before_ready
+from docker_http_passthrough.api.preparation import PreparationWatch
 from docker_http_passthrough.api.ranges import UnsatisfiableRange, requested_range
 from docker_http_passthrough.api.resolution import (
     ImageRequest,
@@ -86,11 +88,11 @@ async def download(request: Request) -> Response:
         _note(request, digest=resolution.digest, cache_hit=cached)
         if record is None:
             await state.cold_images.admit(resolution.key, state.store, state.preparer)
-            record = await _prepared_within_grace(request, wanted, resolution)
-        if record is None:
+        if record is None and _may_start_early(request):
             early = await _early_response(request, wanted, resolution, name)
             if early is not None:
                 return early
+        if record is None:
             record = await state.preparer.ensure(_spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
         attributes["container.image.id"] = record.config_digest
         plan = plan_archive(state.store.get_blob(record.config_digest), record.config_digest,
@@ -112,41 +114,34 @@ async def download(request: Request) -> Response:
     return response
 
 
-async def _prepared_within_grace(request: Request, wanted: ImageRequest,
-                                 resolution: Resolution) -> ImageRecord | None:
-    """The prepared image, waiting for it as long as the request may wait for headers; None when a GET has
-    waited PREPARE_GRACE and the preparation still runs (it goes on: the response may start early)."""
-    state = request.app.state
-    settings = state.settings
-    spec = _spec(wanted, resolution)
-    credentials, token = wanted.auth.credentials, wanted.auth.token
-    if request.method != "GET" or settings.prepare_grace <= 0:
-        return await state.preparer.ensure(spec, credentials, token)
-    await state.preparer.start(spec, credentials, token)
-    try:
-        return await asyncio.wait_for(state.preparer.ensure(spec, credentials, token), settings.prepare_grace)
-    except TimeoutError:
-        return None
+def _may_start_early(request: Request) -> bool:
+    """A cold GET streams while its image is prepared, unless PREPARE_GRACE=0; a Range request (resuming) waits
+    for the image, whose bytes it can then have from anywhere."""
+    return request.method == "GET" and request.app.state.settings.prepare_grace > 0 and "range" not in request.headers
 
 
 async def _early_response(request: Request, wanted: ImageRequest, resolution: Resolution,
                           name: str) -> Response | None:
-    """A response that starts now and sends each part of the archive as the preparation verifies it; None when
-    some size cannot be known before unpacking (the request then waits for the preparation)."""
+    """A response that starts as soon as the archive's exact length is known and sends the layers as the
+    preparation inflates them; None when the preparation finished first (or cannot be planned before: it then
+    says why). A preparation that fails before the headers raises its error (a JSON answer)."""
     state = request.app.state
     settings = state.settings
     client = RegistryClient(state.registries, wanted.target, wanted.image.repository, wanted.auth.credentials,
                             wanted.auth.token)
-    early = await plan_before_ready(client, state.store, state.size_guesses, resolution.digest, name)
+    watch = PreparationWatch(state.preparer, _spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
+    try:
+        early = await plan_before_ready(client, state.store, state.size_guesses, resolution.digest, name, watch,
+                                        settings.prepare_grace)
+    except BaseException:
+        watch.close()
+        raise
     if early is None:
-        log.info("download %s: sizes unknown before unpacking, waiting for the preparation", request.url.path)
+        watch.close()
         return None
-    log.info("download %s: still preparing after %gs, streaming %d bytes as layers verify", request.url.path,
-             settings.prepare_grace, early.plan.size)
-    job_id = job_id_for(resolution.key)
-    gate = EarlyGate(early, state.store, wanted.target.api_url, wanted.image.repository,
-                     lambda: state.preparer.state(job_id),
-                     lambda: state.store.get_image(resolution.key) is not None, settings.prepare_timeout)
+    log.info("download %s: streaming %d bytes as the layers are prepared", request.url.path, early.plan.size)
+    gate = EarlyGate(early, state.store, wanted.target.api_url, wanted.image.repository, resolution.key, watch,
+                     settings.prepare_timeout)
     body = stream_archive(state.store, early.plan, early.diff_ids, 0, early.plan.size, gate)
     headers = {**archive_headers(early.plan, resolution.digest, wanted.filename),
                "Content-Length": str(early.plan.size)}

@@ -4,20 +4,32 @@ Two preparers answer the same calls — `start` (make sure it runs), `ensure` (w
 `state` (one look, shared by all who wait on the job), `status` (for the status route), `close`:
 - `QueuePreparer` (two-tier, `queue_preparer`): an RQ job per image key, run by the workers;
 - `EmbeddedPreparer` (`embedded_preparer`): the same preparation as an asyncio task in the API process.
-This module holds what both share; the app picks one for the settings.
+This module holds what both share (and `PreparationWatch`, a request's hold on its preparation while its
+response streams); the app picks a preparer for the settings.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from docker_http_passthrough.shared.errors import PassthroughError
+from docker_http_passthrough.shared.jobs import JobSpec
 from docker_http_passthrough.shared.metrics import WAITING_REQUESTS
+from docker_http_passthrough.shared.store import ImageRecord
+from docker_http_passthrough.shared.targets import Credentials
 from docker_http_passthrough.shared.telemetry import link_to, tracer
 
+log = logging.getLogger("docker_http_passthrough.api")
+
 STATES = ("queued", "running", "done", "failed", "gone")
+# Error codes of a preparation whose process died (not of one that failed): running it again may well succeed.
+DIED = ("worker_lost", "job_killed")
+# How often one request starts a preparation again after its worker died.
+RESTARTS = 2
 
 
 @dataclass(frozen=True)
@@ -51,3 +63,48 @@ def wait_span(job_id: str, started_by: dict | None) -> Iterator[None]:
             yield
     finally:
         WAITING_REQUESTS.dec()
+
+
+class Preparer(Protocol):
+    async def ensure(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord: ...
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()  # looked at: a stream its client left does not log "never retrieved"
+
+
+class PreparationWatch:
+    """A request's hold on its preparation while its response is planned and streamed: the preparer's `ensure`
+    runs as a task beside it (with the preparer's own rules for lost workers and timeouts); when the worker
+    preparing the image died, the preparation is started again, at most RESTARTS times, and the stream goes on
+    with the new run's output."""
+
+    def __init__(self, preparer: Preparer, spec: JobSpec, credentials: Credentials | None, token: str | None):
+        self.preparer, self.spec, self.credentials, self.token = preparer, spec, credentials, token
+        self.restarts = 0
+        self.task = self._ensure()
+
+    def _ensure(self) -> asyncio.Task:
+        task = asyncio.ensure_future(self.preparer.ensure(self.spec, self.credentials, self.token))
+        task.add_done_callback(_retrieve)
+        return task
+
+    def outcome(self) -> ImageRecord | None:
+        """The prepared image once it is there, None while the preparation runs; raises its error once it
+        failed for good."""
+        if not self.task.done():
+            return None
+        error = self.task.exception()
+        if error is None:
+            return self.task.result()
+        if isinstance(error, PassthroughError) and error.code in DIED and self.restarts < RESTARTS:
+            self.restarts += 1
+            log.warning("the preparation of %s@%s died (%s); starting it again", self.spec.repository,
+                        self.spec.manifest_digest, error.message)
+            self.task = self._ensure()
+            return None
+        raise error
+
+    def close(self) -> None:
+        self.task.cancel()

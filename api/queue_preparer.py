@@ -76,7 +76,7 @@ class QueuePreparer:
         if look.status in KILLED:
             return JobState("failed", PreparationFailed(
                 f"the preparation job ended ({look.status}) without a result: its worker was killed or it ran past "
-                "JOB_TIMEOUT; see the worker logs"))
+                "JOB_TIMEOUT; see the worker logs", code="job_killed"))
         if look.lost:
             return JobState("failed", TimedOut(
                 "the worker preparing this image stopped responding (no heartbeat for "

@@ -4,6 +4,9 @@ One reader per response: layer files are opened once; a read the page cache can 
 (preadv with RWF_NOWAIT: no thread hop, no buffer copy), any other in a worker thread, so the event loop
 never waits on a disk. A layer file that is missing, or not the size the plan says, raises
 ArchiveSourceError at once: the caller must cut the response, so the client holds a short file.
+
+A layer not in place yet can be read from a file its caller lends (`lend`): a layer still being inflated
+(see api.early_gate, which reads only what is written so far).
 """
 
 from __future__ import annotations
@@ -55,8 +58,16 @@ class ArchiveReader:
     def __init__(self, plan: ArchivePlan):
         self.plan = plan
         self.fds: dict[str, int] = {}
+        self.lent: dict[str, int] = {}
+
+    def lend(self, path: str, fd: int) -> None:
+        """Read the layer planned at `path` from `fd` (the caller's, and the caller's to close) from now on."""
+        self.lent[path] = fd
 
     def _fd(self, seg: Segment) -> int:
+        lent = self.lent.get(seg.path)
+        if lent is not None:
+            return lent
         fd = self.fds.get(seg.path)
         if fd is None:
             fd = self.fds[seg.path] = _open_checked(seg)
@@ -112,6 +123,7 @@ class ArchiveReader:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        self.lent.clear()
 
     def __enter__(self) -> "ArchiveReader":
         return self

@@ -1,5 +1,6 @@
 """Downloading one layer: network reads overlap hashing and inflating, and nothing is stored unless both the
-blob digest and the diff_id verify."""
+blob digest and the diff_id verify. While it inflates, how far it got is published (`growing_layer`), so cold
+downloads stream the layer's bytes as they come."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from docker_http_passthrough.shared import manifest as mf
 from docker_http_passthrough.shared.digests import digest_of
 from docker_http_passthrough.shared.errors import InvalidContent, NotFound
 from docker_http_passthrough.shared.foreign_layers import foreign_layer_error, open_foreign
+from docker_http_passthrough.shared.growing_layer import GrowingLayer
 from docker_http_passthrough.shared.jobs import Progress
 from docker_http_passthrough.shared.layer_sink import LayerSink
 from docker_http_passthrough.shared.metrics import UPSTREAM_BYTES
@@ -38,7 +40,8 @@ async def all_or_nothing(*coroutines):
         raise
 
 
-async def _pipeline(response, layer: mf.Descriptor, sink: LayerSink, progress: Progress | None) -> None:
+async def _pipeline(response, layer: mf.Descriptor, sink: LayerSink, progress: Progress | None,
+                    growing: GrowingLayer) -> None:
     """Network reads and hashing/inflating/writing overlap: one task receives, a thread works on what came
     before (at most PIPELINE_DEPTH pieces wait in between, so memory stays bounded)."""
     pieces: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
@@ -59,9 +62,14 @@ async def _pipeline(response, layer: mf.Descriptor, sink: LayerSink, progress: P
             await pieces.put(b"".join(pending))
         await pieces.put(None)
 
+    def feed(piece: bytes) -> None:
+        sink.feed(piece)
+        sink.out.flush()
+        growing.wrote(sink.tar_size)
+
     async def work() -> None:
         while (piece := await pieces.get()) is not None:
-            await asyncio.to_thread(sink.feed, piece)
+            await asyncio.to_thread(feed, piece)
             if progress:
                 progress.bytes_done += len(piece)
 
@@ -91,26 +99,46 @@ async def _layer_blob(client: RegistryClient, layer: mf.Descriptor) -> AsyncIter
         raise foreign_layer_error(layer, client.foreign_layer_hosts, problems) from None
 
 
+async def _inflate(client: RegistryClient, layer: mf.Descriptor, sink: LayerSink, progress: Progress | None,
+                   growing: GrowingLayer) -> None:
+    publisher = asyncio.create_task(growing.keep_publishing())
+    try:
+        async with _layer_blob(client, layer) as response:
+            await _pipeline(response, layer, sink, progress, growing)
+        await asyncio.to_thread(sink.finish)
+    finally:
+        publisher.cancel()
+
+
+def _verify(sink: LayerSink, layer: mf.Descriptor, diff_id: str) -> None:
+    if digest_of(sink.blob_hash) != layer.digest:
+        raise InvalidContent(f"layer {layer.digest} does not match its digest (received {sink.blob_size} bytes); "
+                             "nothing was stored")
+    if sink.inflate_error:
+        raise InvalidContent(f"layer {layer.digest} is {sink.inflate_error}; nothing was stored")
+    if digest_of(sink.tar_hash) != diff_id:
+        raise InvalidContent(f"layer {layer.digest} unpacks to {digest_of(sink.tar_hash)}, but the image "
+                             f"config says {diff_id} (invalid diff_id); nothing was stored")
+
+
 async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor, diff_id: str,
                       progress: Progress | None = None, index: int = 0) -> int:
     """Download, verify and inflate one layer into the store; returns the tar's size."""
-    with tracer().start_as_current_span(f"write_layer_tar_{index}", attributes={
-            "oci.layer.index": index, "oci.layer.digest": layer.digest}) as span, \
-            store.atomic_writer(store.layer_path(diff_id)) as out:
-        sink = LayerSink(out, mf.compression_of(layer))
-        async with _layer_blob(client, layer) as response:
-            await _pipeline(response, layer, sink, progress)
-        await asyncio.to_thread(sink.finish)
-        if digest_of(sink.blob_hash) != layer.digest:
-            raise InvalidContent(f"layer {layer.digest} does not match its digest (received {sink.blob_size} bytes); "
-                                 "nothing was stored")
-        if sink.inflate_error:
-            raise InvalidContent(f"layer {layer.digest} is {sink.inflate_error}; nothing was stored")
-        if digest_of(sink.tar_hash) != diff_id:
-            raise InvalidContent(f"layer {layer.digest} unpacks to {digest_of(sink.tar_hash)}, but the image "
-                                 f"config says {diff_id} (invalid diff_id); nothing was stored")
-        span.set_attribute("oci.layer.decompressed_size", sink.tar_size)
+    registry, repository = client.target.api_url, client.repository
+    growing = None
+    try:
+        with tracer().start_as_current_span(f"write_layer_tar_{index}", attributes={
+                "oci.layer.index": index, "oci.layer.digest": layer.digest}) as span, \
+                store.atomic_writer(store.layer_path(diff_id)) as out:
+            growing = GrowingLayer(store, registry, repository, layer.digest, diff_id, out)
+            sink = LayerSink(out, mf.compression_of(layer))
+            await _inflate(client, layer, sink, progress, growing)
+            _verify(sink, layer, diff_id)
+            span.set_attribute("oci.layer.decompressed_size", sink.tar_size)
+        store.link_layer(layer.digest, diff_id, sink.blob_size, sink.blob_tail)
+        store.mark_seen(registry, repository, layer.digest)
+    finally:
+        if growing is not None:
+            growing.close()  # only now: a stream looking for the layer finds the record or the verified layer
     UPSTREAM_BYTES.inc(sink.blob_size)
-    store.link_layer(layer.digest, diff_id, sink.blob_size, sink.blob_tail)
-    store.mark_seen(client.target.api_url, client.repository, layer.digest)
     return sink.tar_size

@@ -7,6 +7,7 @@
     seen/<hash>                 "registry R serves blob D in repository P", confirmed with a request's credentials
     tags/<hash>                 the digest a tag last resolved to, for serving stale when the registry is down
     used/<hex>, leases/<hex>.*  last use and live readers of layers, for eviction (shared/eviction.py)
+    inflating/<hash>.inflating  how far a layer being inflated is written (shared/growing_layer.py)
 
 Sharing content between registries must not widen access: a stored blob or layer is used for (R, P) only
 after R confirmed it holds that blob for P, and a layer is reused for a blob digest only when that very blob
@@ -31,7 +32,7 @@ from docker_http_passthrough.shared.archive import LayerFile
 from docker_http_passthrough.shared.digests import digest_hex, name_hash, sha256_digest
 
 TEMP_MARK = ".partial-"
-_DIRS = ("blobs/sha256", "layers/sha256", "images", "links", "seen", "tags", "used", "leases")
+_DIRS = ("blobs/sha256", "layers/sha256", "images", "links", "seen", "tags", "used", "leases", "inflating")
 
 
 @dataclass(frozen=True)
@@ -205,16 +206,16 @@ class Store:
 
     # --- housekeeping
     def sweep_partials(self, min_age: float = 900.0) -> int:
-        """Remove temp files left by crashed writers; returns how many. Call at start-up.
+        """Remove temp files and progress records left by crashed writers; returns how many. Call at start-up.
 
-        Only files untouched for `min_age` seconds: a live writer on another host keeps its file's mtime fresh.
+        Only files untouched for `min_age` seconds: a live writer on another host keeps its files' mtimes fresh.
         """
         removed = 0
         cutoff = time.time() - min_age
         for sub in _DIRS:
             for path in (self.root / sub).iterdir():
                 try:
-                    if TEMP_MARK in path.name and path.stat().st_mtime < cutoff:
+                    if (TEMP_MARK in path.name or sub == "inflating") and path.stat().st_mtime < cutoff:
                         path.unlink()
                         removed += 1
                 except FileNotFoundError:

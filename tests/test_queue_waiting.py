@@ -149,7 +149,7 @@ async def test_a_killed_job_and_a_vanished_job(harness):
     harness.job().set_status(JobStatus.STOPPED)  # e.g. past JOB_TIMEOUT
     with pytest.raises(PassthroughError) as info:
         await asyncio.wait_for(waiter, 5)
-    assert info.value.code == "preparation_failed" and "stopped" in info.value.message
+    assert info.value.code == "job_killed" and "stopped" in info.value.message
     harness.job().delete()
     await asyncio.sleep(LOOK_SHARED_FOR + 0.1)  # the last look, shared for a while, saw it killed
     with pytest.raises(Unavailable):
