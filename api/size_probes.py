@@ -51,6 +51,6 @@ class SizeGuesses:
             tail = await client.blob_range(layer.digest, layer.size - window, window)
         if tail is None:
             return TailSize(None, "the registry ignores Range")
-        found = await asyncio.to_thread(size_from_tail, tail, layer.size)
+        found = size_from_tail(tail, layer.size)
         log.debug("layer %s: %s bytes (%s)", layer.digest, found.size, found.how)
         return found

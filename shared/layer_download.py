@@ -5,6 +5,7 @@ downloads stream the layer's bytes as they come."""
 from __future__ import annotations
 
 import asyncio
+import os
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -22,8 +23,10 @@ from docker_http_passthrough.shared.registry import RegistryClient
 from docker_http_passthrough.shared.store import Store
 from docker_http_passthrough.shared.telemetry import tracer
 
-# Hand bytes to the decompress thread in pieces this large: fewer thread hops, bounded memory.
+# Hand bytes to the decompress thread in pieces this large: fewer thread hops, bounded memory…
 FEED_SIZE = 1 << 20
+# …or after this long, from a slow registry: a stream that sends the layer as it inflates must not pause.
+FEED_EVERY = 0.1
 # Pieces waiting between the network and the inflating thread, per layer.
 PIPELINE_DEPTH = 4
 
@@ -49,15 +52,17 @@ async def _pipeline(response, layer: mf.Descriptor, sink: LayerSink, progress: P
     async def receive() -> None:
         pending: list[bytes] = []
         pending_size = received = 0
+        loop = asyncio.get_running_loop()
+        handed = loop.time()
         async for chunk in response.aiter_raw():
             received += len(chunk)
             if received > layer.size:
                 raise InvalidContent(f"layer {layer.digest} is longer than the {layer.size} bytes its manifest says")
             pending.append(chunk)
             pending_size += len(chunk)
-            if pending_size >= FEED_SIZE:
+            if pending_size >= FEED_SIZE or loop.time() - handed >= FEED_EVERY:
                 await pieces.put(b"".join(pending))
-                pending, pending_size = [], 0
+                pending, pending_size, handed = [], 0, loop.time()
         if pending:
             await pieces.put(b"".join(pending))
         await pieces.put(None)
@@ -121,6 +126,11 @@ def _verify(sink: LayerSink, layer: mf.Descriptor, diff_id: str) -> None:
                              f"config says {diff_id} (invalid diff_id); nothing was stored")
 
 
+def _record(store: Store, registry: str, repository: str, digest: str, diff_id: str, sink: LayerSink) -> None:
+    store.link_layer(digest, diff_id, sink.blob_size, sink.blob_tail)
+    store.mark_seen(registry, repository, digest)
+
+
 async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor, diff_id: str,
                       progress: Progress | None = None, index: int = 0) -> int:
     """Download, verify and inflate one layer into the store; returns the tar's size."""
@@ -135,8 +145,9 @@ async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor
             await _inflate(client, layer, sink, progress, growing)
             _verify(sink, layer, diff_id)
             span.set_attribute("oci.layer.decompressed_size", sink.tar_size)
-        store.link_layer(layer.digest, diff_id, sink.blob_size, sink.blob_tail)
-        store.mark_seen(registry, repository, layer.digest)
+            await asyncio.to_thread(os.fsync, out.fileno())  # off the event loop: the writer's own fsync is then quick
+        # Small files, each fsynced: in a thread too, so that streams in this process do not pause.
+        await asyncio.to_thread(_record, store, registry, repository, layer.digest, diff_id, sink)
     finally:
         if growing is not None:
             growing.close()  # only now: a stream looking for the layer finds the record or the verified layer
