@@ -122,14 +122,15 @@ def _may_start_early(request: Request) -> bool:
 
 async def _early_response(request: Request, wanted: ImageRequest, resolution: Resolution,
                           name: str) -> Response | None:
-    """A response that starts as soon as the archive's exact length is known and sends the layers as the
-    preparation inflates them; None when the preparation finished first (or cannot be planned before: it then
-    says why). A preparation that fails before the headers raises its error (a JSON answer)."""
+    """A response that starts after PREPARE_GRACE, as soon as the archive's exact length is known, and sends the
+    layers as the preparation inflates them; None when the preparation finished first (or cannot be planned
+    before: it then says why). A preparation that fails before the headers raises its error (a JSON answer)."""
     state = request.app.state
     settings = state.settings
     client = RegistryClient(state.registries, wanted.target, wanted.image.repository, wanted.auth.credentials,
                             wanted.auth.token)
-    watch = PreparationWatch(state.preparer, _spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
+    watch = PreparationWatch(state.preparer, _spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token,
+                             settings.worker_lost_timeout)
     try:
         early = await plan_before_ready(client, state.store, state.size_guesses, resolution.digest, name, watch,
                                         settings.prepare_grace)

@@ -120,7 +120,7 @@ class EarlyGate:
     async def _layer_bytes(self, layer: _Layer, offset: int, reader: ArchiveReader) -> int:
         segment = layer.segment
         while True:
-            ended = self._preparation_ended()  # before looking: a layer verified meanwhile is seen below
+            ended = await self._preparation_ended()  # before looking: a layer verified meanwhile is seen below
             if layer.final is not None or self._open_final(layer):
                 reader.lend(segment.path, layer.final)
                 return segment.offset + segment.length
@@ -138,7 +138,7 @@ class EarlyGate:
 
     async def _image_verified(self) -> None:
         while True:
-            ended = self._preparation_ended()
+            ended = await self._preparation_ended()
             record = self.store.get_image(self.key)
             if record is not None:
                 break
@@ -163,9 +163,9 @@ class EarlyGate:
 
     # --- waiting
 
-    def _preparation_ended(self) -> bool:
+    async def _preparation_ended(self) -> bool:
         try:
-            return self.watch.outcome() is not None
+            return await self.watch.outcome() is not None
         except PassthroughError as exc:
             raise EarlyStreamAborted(f"preparation failed after the response started: {exc.message}") from None
 

@@ -1,9 +1,10 @@
 """Starting a cold download's response before its preparation is done, with the exact Content-Length.
 
 IOS-XE's HTTP client drops a request whose response headers take longer than 30 s (its default), and a device
-with a short idle timeout drops a transfer that pauses. So a cold GET does not wait for its image: the headers go
-out as soon as the archive's exact length is known, and each layer's bytes follow as the preparation inflates it
-(`early_gate`). The length is known without unpacking anything (`plan_before_ready`):
+with a short idle timeout drops a transfer that pauses. So a cold GET waits for its image only PREPARE_GRACE
+(default 1 s: a small image is served whole, or its failure answered as JSON); then the headers go out as soon as
+the archive's exact length is known, and each layer's bytes follow as the preparation inflates it (`early_gate`).
+The length is known without unpacking anything (`plan_before_ready`):
   - a layer already in the store: its file's size;
   - an uncompressed layer: its descriptor's size;
   - a gzip layer: what the blob's tail says (`size_probes`, `shared.gzip_tail`) — counted for a small blob, its
@@ -54,7 +55,7 @@ async def _stored_blob(store: Store, registry: str, repository: str, digest: str
                        watch: PreparationWatch) -> bytes | None:
     """A manifest or config the preparation stores first; None when the preparation ended meanwhile."""
     while True:
-        ended = watch.outcome() is not None  # raises the preparation's error
+        ended = await watch.outcome() is not None  # raises the preparation's error
         if store.seen(registry, repository, digest):
             data = store.get_blob(digest)
             if data is not None:
@@ -88,32 +89,42 @@ async def _size_up_front(client: RegistryClient, store: Store, guesses: SizeGues
 
 
 async def _sizes(client: RegistryClient, store: Store, guesses: SizeGuesses, manifest: mf.ImageManifest,
-                 diff_ids: list[str], watch: PreparationWatch, grace: float) -> list[int] | None:
+                 diff_ids: list[str], watch: PreparationWatch, grace_ends: float) -> list[int] | None:
     """Every layer's size: up front where possible (concurrently), else once the layer is unpacked; None when
     the preparation ended first."""
     sizes = list(await asyncio.gather(*(_size_up_front(client, store, guesses, layer, diff_id)
                                         for layer, diff_id in zip(manifest.layers, diff_ids))))
-    started, warned = time.monotonic(), False
+    warned = False
     while None in sizes:
-        ended = watch.outcome() is not None
+        ended = await watch.outcome() is not None
         sizes = [size if size is not None else _stored_size(store, diff_id) for size, diff_id in zip(sizes, diff_ids)]
         if None not in sizes:
             break
         if ended:
             return None
-        if not warned and time.monotonic() - started > grace:
+        if not warned and time.monotonic() > grace_ends:
             warned = True
-            log.warning("%s: no headers after PREPARE_GRACE=%gs: the sizes of %d layers are only known once they "
-                        "are unpacked (pre-warm this image for devices)", client.repository, grace,
-                        sizes.count(None))
+            log.warning("%s: no headers after PREPARE_GRACE: the sizes of %d layers are only known once they are "
+                        "unpacked (pre-warm this image for devices)", client.repository, sizes.count(None))
         await asyncio.sleep(POLL)
     return sizes
 
 
+async def _held(watch: PreparationWatch, grace_ends: float) -> bool:
+    """Wait out the grace period unless the preparation ends first; True if it did (or failed: raises)."""
+    while time.monotonic() < grace_ends:
+        if await watch.outcome() is not None:
+            return True
+        await asyncio.sleep(POLL)
+    return False
+
+
 async def plan_before_ready(client: RegistryClient, store: Store, guesses: SizeGuesses, manifest_digest: str,
                             repo_tag: str, watch: PreparationWatch, grace: float) -> EarlyPlan | None:
-    """The archive's plan, as soon as its exact size is known; None when the preparation finished first (or the
-    image cannot be planned: the preparation then says why). Raises the preparation's error if it failed."""
+    """The archive's plan once its exact size is known and PREPARE_GRACE has passed; None when the preparation
+    finished first (or the image cannot be planned: the preparation then says why). Raises the preparation's
+    error if it failed first: within the grace a small image's failure is still a JSON answer."""
+    grace_ends = time.monotonic() + grace
     registry, repository = client.target.api_url, client.repository
     manifest_data = await _stored_blob(store, registry, repository, manifest_digest, watch)
     if manifest_data is None:
@@ -128,8 +139,8 @@ async def plan_before_ready(client: RegistryClient, store: Store, guesses: SizeG
         return None
     if len(diff_ids) != len(manifest.layers):
         return None
-    sizes = await _sizes(client, store, guesses, manifest, diff_ids, watch, grace)
-    if sizes is None:
+    sizes = await _sizes(client, store, guesses, manifest, diff_ids, watch, grace_ends)
+    if sizes is None or await _held(watch, grace_ends):
         return None
     files = [LayerFile(diff_id, size, str(store.layer_path(diff_id))) for diff_id, size in zip(diff_ids, sizes)]
     try:

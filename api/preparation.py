@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
-from docker_http_passthrough.shared.errors import PassthroughError
+from docker_http_passthrough.shared.errors import PassthroughError, TimedOut
 from docker_http_passthrough.shared.jobs import JobSpec
 from docker_http_passthrough.shared.metrics import WAITING_REQUESTS
 from docker_http_passthrough.shared.store import ImageRecord
@@ -68,6 +69,8 @@ def wait_span(job_id: str, started_by: dict | None) -> Iterator[None]:
 class Preparer(Protocol):
     async def ensure(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord: ...
 
+    async def state(self, job_id: str) -> JobState: ...
+
 
 def _retrieve(task: asyncio.Task) -> None:
     if not task.cancelled():
@@ -78,11 +81,14 @@ class PreparationWatch:
     """A request's hold on its preparation while its response is planned and streamed: the preparer's `ensure`
     runs as a task beside it (with the preparer's own rules for lost workers and timeouts); when the worker
     preparing the image died, the preparation is started again, at most RESTARTS times, and the stream goes on
-    with the new run's output."""
+    with the new run's output — if a worker takes it up within `pick_up` seconds (WORKER_LOST_TIMEOUT)."""
 
-    def __init__(self, preparer: Preparer, spec: JobSpec, credentials: Credentials | None, token: str | None):
+    def __init__(self, preparer: Preparer, spec: JobSpec, credentials: Credentials | None, token: str | None,
+                 pick_up: float):
         self.preparer, self.spec, self.credentials, self.token = preparer, spec, credentials, token
+        self.pick_up = pick_up
         self.restarts = 0
+        self.restarted_at: float | None = None  # until a worker took the restarted preparation up
         self.task = self._ensure()
 
     def _ensure(self) -> asyncio.Task:
@@ -90,10 +96,11 @@ class PreparationWatch:
         task.add_done_callback(_retrieve)
         return task
 
-    def outcome(self) -> ImageRecord | None:
+    async def outcome(self) -> ImageRecord | None:
         """The prepared image once it is there, None while the preparation runs; raises its error once it
         failed for good."""
         if not self.task.done():
+            await self._picked_up()
             return None
         error = self.task.exception()
         if error is None:
@@ -103,8 +110,19 @@ class PreparationWatch:
             log.warning("the preparation of %s@%s died (%s); starting it again", self.spec.repository,
                         self.spec.manifest_digest, error.message)
             self.task = self._ensure()
+            self.restarted_at = time.monotonic()
             return None
         raise error
+
+    async def _picked_up(self) -> None:
+        """A restarted preparation that no worker takes up is given up after `pick_up` seconds."""
+        if self.restarted_at is None:
+            return
+        if (await self.preparer.state(self.spec.job_id)).state in ("running", "done"):
+            self.restarted_at = None
+        elif time.monotonic() - self.restarted_at > self.pick_up:
+            raise TimedOut(f"the preparation was started again after its worker died, but no worker took it up "
+                           f"within WORKER_LOST_TIMEOUT={self.pick_up:g}s", code="no_worker")
 
     def close(self) -> None:
         self.task.cancel()

@@ -51,8 +51,9 @@ class Settings:
     error_cache_seconds: float = 10.0
     # Serve a previously prepared tag when the registry is unreachable (with an X-Served-Stale header).
     serve_stale: bool = True
-    # Start the response (exact Content-Length) after this long even if the preparation is not done; 0: never.
-    prepare_grace: float = 20.0
+    # A cold GET waits this long for its preparation, then streams it as it is prepared (exact Content-Length);
+    # 0: never, the response waits for the whole preparation.
+    prepare_grace: float = 1.0
     worker_metrics_port: int = 9101  # 0: off
     log_json: bool = False
     # Evict least-recently-used layers when the store grows past this; 0 means unbounded.
@@ -222,7 +223,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         layer_concurrency=int(_number(env, "LAYER_CONCURRENCY", 3, kind=int)),
         error_cache_seconds=_number(env, "ERROR_CACHE_SECONDS", 10.0, zero_ok=True),
         serve_stale=_flag(env, "SERVE_STALE", True),
-        prepare_grace=_number(env, "PREPARE_GRACE", 20.0, zero_ok=True),
+        prepare_grace=_number(env, "PREPARE_GRACE", 1.0, zero_ok=True),
         worker_metrics_port=_port(env, "WORKER_METRICS_PORT", 9101),
         log_json=(env.get("LOG_FORMAT") or "text").strip().lower() == "json",
         cache_max_bytes=_byte_size(env, "CACHE_MAX_BYTES"),

@@ -34,7 +34,9 @@ pytestmark = pytest.mark.e2e
 
 CHALLENGE = 'Basic realm="registry credentials"'
 # Every stack gets it: two-tier needs it to hand client credentials to a worker.
-BASE_ENV = {"CREDENTIALS_KEY": "test-key"}
+# A grace long enough for these small images: a failure found while preparing is then a JSON answer (once a
+# response streams, a failure can only cut it short: see test_e2e_streaming.py).
+BASE_ENV = {"CREDENTIALS_KEY": "test-key", "PREPARE_GRACE": "20"}
 USER, PASSWORD = "alice", "s3cret-pw"
 
 

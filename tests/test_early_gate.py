@@ -14,7 +14,7 @@ import pytest
 from docker_http_passthrough.api.archive_stream import stream_archive
 from docker_http_passthrough.api.early_gate import EarlyGate, EarlyStreamAborted
 from docker_http_passthrough.api.early_stream import EarlyPlan, PlannedLayer
-from docker_http_passthrough.api.preparation import PreparationWatch
+from docker_http_passthrough.api.preparation import JobState, PreparationWatch
 from docker_http_passthrough.shared.archive import LayerFile, plan_archive
 from docker_http_passthrough.shared.archive_reader import write_archive
 from docker_http_passthrough.shared.errors import InvalidContent, TimedOut
@@ -66,10 +66,14 @@ class Preparer:
 
     def __init__(self):
         self.runs: list[asyncio.Future] = []
+        self.picked_up = True
 
     async def ensure(self, spec, credentials, token):
         self.runs.append(asyncio.get_running_loop().create_future())
         return await self.runs[-1]
+
+    async def state(self, job_id):
+        return JobState("running" if self.picked_up else "queued")
 
 
 class Early:
@@ -98,7 +102,7 @@ class Early:
 
     def gate(self, timeout: float = 30.0) -> EarlyGate:
         early = EarlyPlan(self.plan, tuple(PlannedLayer(d, i, s) for (d, i), s in zip(self.layers, self.announced)))
-        watch = PreparationWatch(self.preparer, SPEC, None, None)
+        watch = PreparationWatch(self.preparer, SPEC, None, None, pick_up=1.0)
         return EarlyGate(early, self.store, REGISTRY, REPOSITORY, KEY, watch, timeout)
 
     def stream(self, **kwargs):
@@ -226,6 +230,16 @@ async def test_the_stream_is_cut_when_the_preparation_fails_and_goes_on_when_its
     early.preparer.runs[-1].set_exception(InvalidContent("layer does not match its digest"))
     with pytest.raises(EarlyStreamAborted, match="does not match its digest"):
         await asyncio.wait_for(task, 5)
+
+    # A restarted preparation no worker takes up is given up after WORKER_LOST_TIMEOUT (pick_up).
+    task = asyncio.ensure_future(read_all(early.stream()))
+    await asyncio.sleep(0.2)
+    early.preparer.picked_up = False
+    early.preparer.runs[-1].set_exception(TimedOut("no heartbeat", code="worker_lost"))
+    started = time.monotonic()
+    with pytest.raises(EarlyStreamAborted, match="no worker took it up"):
+        await asyncio.wait_for(task, 5)
+    assert 1.0 <= time.monotonic() - started < 2
 
 
 @pytest.mark.anyio
