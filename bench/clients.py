@@ -46,6 +46,7 @@ class Fetch:
     started: float = 0.0
     headers_at: float = 0.0
     done_at: float = 0.0
+    largest_gap: float = 0.0  # the longest wait for body bytes after the headers
     error: str | None = None
 
     @property
@@ -119,7 +120,10 @@ async def fetch(index: int, port: int, path: str, *, pace: float | None = None, 
                     await asyncio.sleep(min(0.1, -allowed / pace + 0.01))
                     continue
                 want = min(want, allowed)
+            waiting_since = time.monotonic()
             got = await loop.sock_recv_into(sock, view[:want])
+            if pace is None:  # a paced client waits on itself
+                result.largest_gap = max(result.largest_gap, time.monotonic() - waiting_since)
             if not got:
                 raise ConnectionError(f"closed after {result.received} of {result.content_length} bytes")
             result.crc32 = fastz.crc32(view[:got], result.crc32)
