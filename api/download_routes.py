@@ -7,7 +7,6 @@ The bytes go out through `archive_stream`, warm or early-start alike.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import time
 
 import pytest
 import redis
