@@ -69,11 +69,14 @@ class EarlyGate:
         self.layers = {segment.offset: _Layer(segment, layer.digest, layer.diff_id)
                        for segment, layer in zip(files, [x for x in early.layers if x.size], strict=True)}
         self.tail = max((s.offset + s.length for s in files), default=0)
+        self.end_open = False  # the image verified: the end may go out
         self.deadline = asyncio.get_running_loop().time() + timeout
 
     async def __call__(self, position: int, reader: ArchiveReader) -> int:
         if position >= self.tail:
-            await self._image_verified()
+            if not self.end_open:
+                await self._image_verified()
+                self.end_open = True
             return self.plan.size
         segment = self.plan.segments[bisect_right(self.plan.offsets, position) - 1]
         if segment.path is None:

@@ -32,6 +32,9 @@ from docker_http_passthrough.shared.store import Store
 log = logging.getLogger("docker_http_passthrough.api")
 
 POLL = 0.1
+# Size probes (a ranged request per gzip layer) start this long before the grace ends: an image prepared within
+# the grace costs none, and the headers of one with many layers still come soon after it.
+PROBE_LEAD = 0.5
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,9 @@ async def _sizes(client: RegistryClient, store: Store, guesses: SizeGuesses, man
     return sizes
 
 
-async def _held(watch: PreparationWatch, grace_ends: float) -> bool:
-    """Wait out the grace period unless the preparation ends first; True if it did (or failed: raises)."""
-    while time.monotonic() < grace_ends:
+async def _held(watch: PreparationWatch, until: float) -> bool:
+    """Wait until `until` (monotonic) unless the preparation ends first; True if it did (or failed: raises)."""
+    while time.monotonic() < until:
         if await watch.outcome() is not None:
             return True
         await asyncio.sleep(POLL)
@@ -138,6 +141,8 @@ async def plan_before_ready(client: RegistryClient, store: Store, guesses: SizeG
     except InvalidContent:
         return None
     if len(diff_ids) != len(manifest.layers):
+        return None
+    if await _held(watch, grace_ends - PROBE_LEAD):
         return None
     sizes = await _sizes(client, store, guesses, manifest, diff_ids, watch, grace_ends)
     if sizes is None or await _held(watch, grace_ends):

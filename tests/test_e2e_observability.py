@@ -74,6 +74,7 @@ def test_spans_of_both_tiers_reach_an_otlp_collector_in_one_trace(stack, registr
         "OTEL_BSP_SCHEDULE_DELAY": "200",  # the API's batch exporter sends within 0.2 s, not 5 s
         "LOG_FORMAT": "json",
         "WORKER_METRICS_PORT": "0",
+        "PREPARE_GRACE": "0",  # the API waits for the worker (an early start would add its size probes' spans)
     }
     running = stack("two-tier", workers=0, env=env)
     # The worker's batch exporter would wait a minute: only the flush before the work horse's os._exit() can deliver

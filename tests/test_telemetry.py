@@ -79,7 +79,8 @@ def test_cold_and_warm_downloads_trace_every_step_under_one_route_span(exporter,
     path = image_url("", registry.host, unique_repo, "v1")
 
     async def scenario():
-        async with app_in_process(embedded_env(tmp_path)) as (_app, client):
+        # PREPARE_GRACE=0: the trace of a preparation the request waits for (an early start adds size probes).
+        async with app_in_process(embedded_env(tmp_path, PREPARE_GRACE="0")) as (_app, client):
             cold = await client.get(path)
             warm = await client.get(path)
             return cold, warm
@@ -367,7 +368,8 @@ def test_token_registry_client_spans_per_attempt_and_no_secrets(exporter, token_
     basic = "Basic " + base64.b64encode(b"alice:wonderland").decode()
 
     async def scenario():
-        async with app_in_process(embedded_env(tmp_path)) as (app, client):  # a new app knows no challenge or token
+        # A new app knows no challenge or token; PREPARE_GRACE=0: no early start (its size probes add requests).
+        async with app_in_process(embedded_env(tmp_path, PREPARE_GRACE="0")) as (app, client):
             bare = await client.get(path)
             cold = await client.get(path, auth=ALICE)
             warm = await client.get(path, auth=ALICE)
