@@ -44,6 +44,8 @@ class _Layer:
     final: int | None = None  # descriptor of the verified layer, once it is
     temps: dict[str, int] = field(default_factory=dict)  # temp file name → descriptor, kept to the end
     reads: list[list[int]] = field(default_factory=list)  # [descriptor, start, end] lent from temp files
+    growing: int | None = None  # the temp file last looked at, and how much of it was readable then
+    readable: int = 0
 
     def lent(self, fd: int, start: int, end: int) -> None:
         if self.reads and self.reads[-1][0] == fd and self.reads[-1][2] >= start:
@@ -103,11 +105,11 @@ class EarlyGate:
                                      "announced")
         return True
 
-    def _growing(self, layer: _Layer) -> tuple[int, int] | None:
-        """(descriptor, bytes readable) of the file the layer is being inflated into, if any."""
+    def _look_at_growth(self, layer: _Layer) -> None:
+        """Learn which temp file the layer is being inflated into, and how much of it is readable."""
         found = growth(self.store, self.registry, self.repository, layer.digest, layer.diff_id)
         if found is None:
-            return None
+            return
         if found.written > layer.segment.length:
             raise EarlyStreamAborted(f"layer {layer.digest} is longer than the {layer.segment.length} bytes "
                                      "announced")
@@ -116,23 +118,39 @@ class EarlyGate:
             try:
                 fd = layer.temps[found.path.name] = os.open(found.path, _OPEN)
             except FileNotFoundError:
-                return None  # just linked into place, or its dead writer's leftovers were removed
+                return  # just linked into place, or its dead writer's leftovers were removed
         # On NFS the record may be fresher than this host's view of the file: read what both agree on.
-        return fd, min(found.written, os.fstat(fd).st_size)
+        layer.growing, layer.readable = fd, min(found.written, os.fstat(fd).st_size)
+
+    def _look(self, layer: _Layer) -> None:
+        if not self._open_final(layer):
+            self._look_at_growth(layer)
+
+    def _available(self, layer: _Layer, offset: int, reader: ArchiveReader) -> int | None:
+        """Where the bytes of the layer from `offset` that may go out now end (lending the reader their file)."""
+        segment = layer.segment
+        if layer.final is not None:
+            reader.lend(segment.path, layer.final)
+            return segment.offset + segment.length
+        if layer.growing is not None and layer.readable > offset:
+            reader.lend(segment.path, layer.growing)
+            layer.lent(layer.growing, offset, layer.readable)
+            return segment.offset + layer.readable
+        return None
 
     async def _layer_bytes(self, layer: _Layer, offset: int, reader: ArchiveReader) -> int:
-        segment = layer.segment
+        """What was learned before serves until the stream catches up; then look again, and wait if need be."""
         while True:
-            ended = await self._preparation_ended()  # before looking: a layer verified meanwhile is seen below
-            if layer.final is not None or self._open_final(layer):
-                reader.lend(segment.path, layer.final)
-                return segment.offset + segment.length
-            growing = self._growing(layer)
-            if growing is not None and growing[1] > offset:
-                fd, readable = growing
-                reader.lend(segment.path, fd)
-                layer.lent(fd, offset, readable)
-                return segment.offset + readable
+            available = self._available(layer, offset, reader)
+            if available is not None:
+                return available
+            self._look(layer)
+            if (available := self._available(layer, offset, reader)) is not None:
+                return available
+            ended = await self._preparation_ended()
+            self._look(layer)  # again: a layer verified just before the preparation ended is seen
+            if (available := self._available(layer, offset, reader)) is not None:
+                return available
             if ended:
                 raise EarlyStreamAborted(f"the preparation ended without layer {layer.digest} in the store")
             await self._pause(f"layer {layer.digest}")
@@ -141,12 +159,12 @@ class EarlyGate:
 
     async def _image_verified(self) -> None:
         while True:
-            ended = await self._preparation_ended()
-            record = self.store.get_image(self.key)
+            try:
+                record = await self.watch.outcome()  # the preparer's own record, once complete in the store
+            except PassthroughError as exc:
+                raise EarlyStreamAborted(f"preparation failed after the response started: {exc.message}") from None
             if record is not None:
                 break
-            if ended:
-                raise EarlyStreamAborted("the preparation ended without the image in the store")
             await self._pause("the image to verify")
         verified = [layer.size for layer in record.layers]
         if verified != self.sizes:

@@ -32,9 +32,10 @@ from docker_http_passthrough.shared.store import Store
 log = logging.getLogger("docker_http_passthrough.api")
 
 POLL = 0.1
-# Size probes (a ranged request per gzip layer) start this long before the grace ends: an image prepared within
-# the grace costs none, and the headers of one with many layers still come soon after it.
-PROBE_LEAD = 0.5
+# Size probes (a ranged request per gzip layer) start this long before the grace ends, or half-way through a
+# shorter grace: an image prepared by then costs none, and the headers of one with many layers (a few round trips
+# of 16 probes) still come within seconds of the grace.
+PROBE_LEAD = 2.0
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ async def plan_before_ready(client: RegistryClient, store: Store, guesses: SizeG
         return None
     if len(diff_ids) != len(manifest.layers):
         return None
-    if await _held(watch, grace_ends - PROBE_LEAD):
+    if await _held(watch, grace_ends - min(PROBE_LEAD, grace / 2)):
         return None
     sizes = await _sizes(client, store, guesses, manifest, diff_ids, watch, grace_ends)
     if sizes is None or await _held(watch, grace_ends):
