@@ -74,6 +74,15 @@ class Unavailable(PassthroughError, status=503, code="unavailable"):
     """A part of this service is missing: Redis, CREDENTIALS_KEY, a volume shared with the workers."""
 
 
+class NotAllowed(PassthroughError, status=403, code="registry_not_allowed"):
+    """A host this server may not connect to for a client (REGISTRY_ALLOWED_HOSTS): a registry named in the
+    URL, or a redirect or token realm it names."""
+
+
+class LimitExceeded(PassthroughError, status=502, code="limit_exceeded"):
+    """The registry sent more than a limit allows (size, layers, redirects, time); the message names the setting."""
+
+
 class PreparationFailed(PassthroughError, status=502, code="preparation_failed"):
     """A preparation that ended without saying why in our terms (an unexpected exception, a killed job)."""
 

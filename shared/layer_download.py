@@ -1,5 +1,6 @@
 """Downloading one layer: network reads overlap hashing and inflating, and nothing is stored unless both the
-blob digest and the diff_id verify."""
+blob digest and the diff_id verify. A cut connection resumes where it stopped (`RegistryClient.blob_stream`):
+the sink just goes on with the next bytes, and the digest covers the whole blob."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from docker_http_passthrough.shared.digests import digest_of
 from docker_http_passthrough.shared.errors import InvalidContent, NotFound
 from docker_http_passthrough.shared.foreign_layers import foreign_layer_error, open_foreign
 from docker_http_passthrough.shared.jobs import Progress
-from docker_http_passthrough.shared.layer_sink import LayerSink
+from docker_http_passthrough.shared.layer_sink import LayerSink, TarBudget
 from docker_http_passthrough.shared.metrics import UPSTREAM_BYTES
 from docker_http_passthrough.shared.registry import RegistryClient
 from docker_http_passthrough.shared.store import Store
@@ -38,18 +39,15 @@ async def all_or_nothing(*coroutines):
         raise
 
 
-async def _pipeline(response, layer: mf.Descriptor, sink: LayerSink, progress: Progress | None) -> None:
+async def _pipeline(chunks: AsyncIterator[bytes], sink: LayerSink, progress: Progress | None) -> None:
     """Network reads and hashing/inflating/writing overlap: one task receives, a thread works on what came
     before (at most PIPELINE_DEPTH pieces wait in between, so memory stays bounded)."""
     pieces: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
 
     async def receive() -> None:
         pending: list[bytes] = []
-        pending_size = received = 0
-        async for chunk in response.aiter_raw():
-            received += len(chunk)
-            if received > layer.size:
-                raise InvalidContent(f"layer {layer.digest} is longer than the {layer.size} bytes its manifest says")
+        pending_size = 0
+        async for chunk in chunks:
             pending.append(chunk)
             pending_size += len(chunk)
             if pending_size >= FEED_SIZE:
@@ -68,38 +66,51 @@ async def _pipeline(response, layer: mf.Descriptor, sink: LayerSink, progress: P
     await all_or_nothing(receive(), work())
 
 
+async def _sized(response: httpx.Response, layer: mf.Descriptor) -> AsyncIterator[bytes]:
+    """A foreign layer's bytes as sent, never more than its descriptor says."""
+    received = 0
+    async for chunk in response.aiter_raw():
+        UPSTREAM_BYTES.inc(len(chunk))
+        received += len(chunk)
+        if received > layer.size:
+            raise InvalidContent(f"layer {layer.digest} is longer than the {layer.size} bytes its manifest says")
+        yield chunk
+
+
 @asynccontextmanager
-async def _layer_blob(client: RegistryClient, layer: mf.Descriptor) -> AsyncIterator[httpx.Response]:
+async def _layer_chunks(client: RegistryClient, layer: mf.Descriptor) -> AsyncIterator[AsyncIterator[bytes]]:
     """The layer's bytes: a foreign layer from its descriptor's URLs when ALLOW_FOREIGN_LAYERS allows them (the
-    registry if none answers), any other layer from the registry. A foreign layer the registry does not serve
-    either is an error that names it and says what would fetch it."""
-    foreign, problems = await open_foreign(client.http, layer, client.foreign_layer_hosts)
-    if foreign is not None:
-        try:
-            yield foreign
-        finally:
-            await foreign.aclose()
-        return
-    opened = False
+    registry if none answers), any other layer from the registry (resumed after cuts). A foreign layer the
+    registry does not serve either is an error that names it and says what would fetch it. Foreign URLs go
+    through the guarded client (REGISTRY_ALLOWED_HOSTS, after DNS) and within the transfer's deadline; they are
+    not resumed."""
+    async with client.transfer(f"the layer {layer.digest}", layer.size):
+        foreign, problems = await open_foreign(client.registries.guarded, layer, client.foreign_layer_hosts)
+        if foreign is not None:
+            try:
+                yield _sized(foreign, layer)
+            finally:
+                await foreign.aclose()
+            return
     try:
-        async with client.blob(layer.digest) as response:
-            opened = True
-            yield response
+        async with client.blob_stream(layer.digest, layer.size) as chunks:
+            yield chunks
     except NotFound:
-        if opened or not layer.foreign:
+        if not layer.foreign:
             raise
         raise foreign_layer_error(layer, client.foreign_layer_hosts, problems) from None
 
 
 async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor, diff_id: str,
-                      progress: Progress | None = None, index: int = 0) -> int:
-    """Download, verify and inflate one layer into the store; returns the tar's size."""
+                      progress: Progress | None = None, index: int = 0, budget: TarBudget | None = None) -> int:
+    """Download, verify and inflate one layer into the store; returns the tar's size. `budget`: the unpacked
+    bytes the whole image may still take (IMAGE_MAX_BYTES), shared by its layers."""
     with tracer().start_as_current_span(f"write_layer_tar_{index}", attributes={
             "oci.layer.index": index, "oci.layer.digest": layer.digest}) as span, \
             store.atomic_writer(store.layer_path(diff_id)) as out:
-        sink = LayerSink(out, mf.compression_of(layer))
-        async with _layer_blob(client, layer) as response:
-            await _pipeline(response, layer, sink, progress)
+        sink = LayerSink(out, mf.compression_of(layer), budget or TarBudget(client.settings.image_max_bytes))
+        async with _layer_chunks(client, layer) as chunks:
+            await _pipeline(chunks, sink, progress)
         await asyncio.to_thread(sink.finish)
         if digest_of(sink.blob_hash) != layer.digest:
             raise InvalidContent(f"layer {layer.digest} does not match its digest (received {sink.blob_size} bytes); "
@@ -110,7 +121,6 @@ async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor
             raise InvalidContent(f"layer {layer.digest} unpacks to {digest_of(sink.tar_hash)}, but the image "
                                  f"config says {diff_id} (invalid diff_id); nothing was stored")
         span.set_attribute("oci.layer.decompressed_size", sink.tar_size)
-    UPSTREAM_BYTES.inc(sink.blob_size)
     store.link_layer(layer.digest, diff_id, sink.blob_size, sink.blob_tail)
     store.mark_seen(client.target.api_url, client.repository, layer.digest)
     return sink.tar_size

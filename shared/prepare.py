@@ -12,10 +12,11 @@ import time
 from dataclasses import dataclass
 
 from docker_http_passthrough.shared import manifest as mf
-from docker_http_passthrough.shared.errors import InvalidContent
+from docker_http_passthrough.shared.errors import InvalidContent, LimitExceeded
 from docker_http_passthrough.shared.eviction import evict, held_leases, record_use
 from docker_http_passthrough.shared.jobs import Progress, image_key, job_id_for
 from docker_http_passthrough.shared.layer_download import all_or_nothing, fetch_layer
+from docker_http_passthrough.shared.layer_sink import TarBudget
 from docker_http_passthrough.shared.locks import Locks
 from docker_http_passthrough.shared.metrics import JOBS_IN_FLIGHT, PREPARE_SECONDS
 from docker_http_passthrough.shared.possession import reusable
@@ -34,6 +35,7 @@ class _Job:
     locks: Locks
     slots: asyncio.Semaphore
     progress: Progress
+    budget: TarBudget  # unpacked bytes the image may still take
 
 
 async def prepare_image(client: RegistryClient, store: Store, manifest_digest: str, locks: Locks,
@@ -51,7 +53,8 @@ async def prepare_image(client: RegistryClient, store: Store, manifest_digest: s
             record = store.get_image(key)
             if record is not None:
                 return record
-            job = _Job(client, store, locks, asyncio.Semaphore(concurrency), progress or Progress())
+            job = _Job(client, store, locks, asyncio.Semaphore(concurrency), progress or Progress(),
+                       TarBudget(client.settings.image_max_bytes))
             return await _prepare(job, key, manifest_digest, cache_max_bytes)
     finally:
         JOBS_IN_FLIGHT.dec()
@@ -61,7 +64,8 @@ async def prepare_image(client: RegistryClient, store: Store, manifest_digest: s
 async def _prepare(job: _Job, key: str, manifest_digest: str, cache_max_bytes: int) -> ImageRecord:
     client, store = job.client, job.store
     manifest = mf.parse_image_manifest(await manifest_bytes(client, store, manifest_digest))
-    diff_ids = mf.diff_ids_of(await config_bytes(client, store, manifest.config.digest))
+    check_limits(manifest, client.settings.image_max_layers, client.settings.image_max_bytes)
+    diff_ids = mf.diff_ids_of(await config_bytes(client, store, manifest.config.digest, manifest.config.size))
     if len(diff_ids) != len(manifest.layers):
         raise InvalidContent(f"the manifest lists {len(manifest.layers)} layers but the config has "
                              f"{len(diff_ids)} diff_ids")
@@ -86,6 +90,15 @@ async def _prepare(job: _Job, key: str, manifest_digest: str, cache_max_bytes: i
     return record
 
 
+def check_limits(manifest: mf.ImageManifest, max_layers: int, max_bytes: int) -> None:
+    """Before anything else is fetched: an image past IMAGE_MAX_LAYERS or IMAGE_MAX_BYTES is refused."""
+    if len(manifest.layers) > max_layers:
+        raise LimitExceeded(f"the image has {len(manifest.layers)} layers, more than IMAGE_MAX_LAYERS={max_layers}")
+    size = manifest.config.size + sum(layer.size for layer in manifest.layers)
+    if size > max_bytes:
+        raise LimitExceeded(f"the image's blobs take {size} bytes, more than IMAGE_MAX_BYTES={max_bytes}")
+
+
 async def _layer(job: _Job, index: int, layer: mf.Descriptor, diff_id: str) -> int:
     """One layer into the store (downloaded, or reused when this registry may use the stored one); its size."""
     client, store = job.client, job.store
@@ -99,7 +112,7 @@ async def _layer(job: _Job, index: int, layer: mf.Descriptor, diff_id: str) -> i
                 async with job.locks.hold(f"blob-{layer.digest}"):
                     # Someone may have fetched it for this registry while we waited for the lock.
                     if not await reusable(client, store, layer, diff_id, prove=False):
-                        await fetch_layer(client, store, layer, diff_id, job.progress, index)
+                        await fetch_layer(client, store, layer, diff_id, job.progress, index, job.budget)
                         fetched = True
             if not fetched:
                 job.progress.bytes_done += layer.size  # already stored counts as done

@@ -64,8 +64,12 @@ async def manifest_bytes(client: RegistryClient, store: Store, digest: str) -> b
     return (await _small_blob(client, store, digest, fetch))[0]
 
 
-async def config_bytes(client: RegistryClient, store: Store, digest: str) -> bytes:
+async def config_bytes(client: RegistryClient, store: Store, digest: str, size: int | None = None) -> bytes:
+    """An image config (up to CONFIG_MAX_BYTES; `size`: the manifest's, checked before anything is fetched)."""
     with tracer().start_as_current_span("fetch_config_blob", attributes={"oci.image.config.digest": digest}) as span:
-        data, stored = await _small_blob(client, store, digest, client.get_blob)
+        async def fetch(reference: str) -> bytes:
+            return await client.get_blob(reference, size)
+
+        data, stored = await _small_blob(client, store, digest, fetch)
         span.set_attribute("dhp.cache.hit", stored)
     return data

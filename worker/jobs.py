@@ -24,11 +24,12 @@ from docker_http_passthrough.shared.jobs import (
 )
 from docker_http_passthrough.shared.locks import RedisLocks
 from docker_http_passthrough.shared.prepare import prepare_image
-from docker_http_passthrough.shared.registry import Registries, RegistryClient, new_http_client
+from docker_http_passthrough.shared.registry import RegistryClient
 from docker_http_passthrough.shared.registry_auth import AuthCache
 from docker_http_passthrough.shared.settings import Settings, load_settings
 from docker_http_passthrough.shared.store import Store
 from docker_http_passthrough.shared.targets import Credentials, settings_auth
+from docker_http_passthrough.shared.upstream_http import registries_for
 from docker_http_passthrough.shared.telemetry import extract_context, flush_tracing, setup_tracing
 
 log = logging.getLogger("docker_http_passthrough.worker")
@@ -58,8 +59,7 @@ async def _prepare(settings: Settings, spec: JobSpec, credentials: Credentials |
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
         locks = RedisLocks(redis)
-        async with Registries(new_http_client(settings), WORKER_AUTH, settings.foreign_layer_hosts,
-                              locks) as registries:
+        async with registries_for(settings, WORKER_AUTH, blob_locks=locks) as registries:
             client = RegistryClient(registries, spec.registry, spec.repository, credentials, token)
             await prepare_image(client, store, spec.manifest_digest, locks, settings.layer_concurrency,
                                 progress, settings.cache_max_bytes)

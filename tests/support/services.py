@@ -35,6 +35,9 @@ from tests.support.lifecycle import (  # noqa: F401 - free_port, port_is_free, f
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Test registries listen on 127.0.0.1, which the default REGISTRY_ALLOWED_HOSTS refuses for /registry/... routes:
+# every server and worker the tests start allows loopback, unless a test passes a value of its own.
+TEST_ALLOWED_HOSTS = "public,private,loopback"
 
 
 def require(condition: bool, reason: str) -> None:
@@ -298,6 +301,7 @@ class _ProjectProcess:
             pass
 
     def _spawn(self, args: list[str], env: Mapping[str, str] | None) -> subprocess.Popen:
+        env = {"REGISTRY_ALLOWED_HOSTS": TEST_ALLOWED_HOSTS, **(env or {})}
         with open_log(self.log_path) as log:
             return subprocess.Popen(
                 [sys.executable, "-m", self.module, *args],
