@@ -272,7 +272,8 @@ def test_wrong_diff_id_in_config_is_502_and_stores_nothing(mode, stack, registry
 def test_registry_too_slow_is_504(stack, registry, proxy, unique_repo):
     # Embedded only: the tag is resolved by the API process in both modes, before any worker is involved.
     registry.push_image(unique_repo, "v1", [make_layer({"slow.txt": b"s"})])
-    running = stack("embedded", env={**BASE_ENV, "UPSTREAM_TIMEOUT": "1"})
+    # No retries: this is about UPSTREAM_TIMEOUT per attempt (retries are tested in test_e2e_upstream.py).
+    running = stack("embedded", env={**BASE_ENV, "UPSTREAM_TIMEOUT": "1", "UPSTREAM_RETRIES": "0"})
     proxy.delay_seconds_before_headers = 3
 
     started = time.monotonic()
