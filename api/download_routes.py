@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import AsyncIterator, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -17,6 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from docker_http_passthrough.api.archive_headers import archive_headers
 from docker_http_passthrough.api.archive_stream import stream_archive
 from docker_http_passthrough.api.client_auth import CHALLENGE
+from docker_http_passthrough.api.client_presence import ClientLeft, unless_client_leaves
 from docker_http_passthrough.api.early_stream import EarlyGate, plan_before_ready
 from docker_http_passthrough.api.ranges import UnsatisfiableRange, requested_range
 from docker_http_passthrough.api.resolution import (
@@ -86,15 +88,20 @@ async def download(request: Request) -> Response:
         _note(request, digest=resolution.digest, cache_hit=cached)
         if record is None:
             await state.cold_images.admit(resolution.key, state.store, state.preparer)
-            record = await _prepared_within_grace(request, wanted, resolution)
+            record = await unless_client_leaves(request, _prepared_within_grace(request, wanted, resolution))
         if record is None:
             early = await _early_response(request, wanted, resolution, name)
             if early is not None:
                 return early
-            record = await state.preparer.ensure(_spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
+            record = await unless_client_leaves(request, state.preparer.ensure(
+                _spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token))
         attributes["container.image.id"] = record.config_digest
         plan = plan_archive(state.store.get_blob(record.config_digest), record.config_digest,
                             state.store.layer_files(record), name)
+    except ClientLeft:
+        log.info("download %s: the client hung up while its image was prepared", request.url.path)
+        _note(request, error="client_left")
+        return Response(status_code=499)  # never sent: nobody is there to read it
     except PassthroughError as exc:
         log.info("download %s failed: %s %s", request.url.path, exc.status, exc.message)
         _note(request, error=exc.code)
@@ -129,6 +136,15 @@ async def _prepared_within_grace(request: Request, wanted: ImageRequest,
         return None
 
 
+async def _held(body: AsyncIterator[bytes], release: Callable[[], None]) -> AsyncIterator[bytes]:
+    """The body, keeping the preparation it streams going until it ends (or the client leaves)."""
+    try:
+        async for piece in body:
+            yield piece
+    finally:
+        release()
+
+
 async def _early_response(request: Request, wanted: ImageRequest, resolution: Resolution,
                           name: str) -> Response | None:
     """A response that starts now and sends each part of the archive as the preparation verifies it; None when
@@ -137,17 +153,23 @@ async def _early_response(request: Request, wanted: ImageRequest, resolution: Re
     settings = state.settings
     client = RegistryClient(state.registries, wanted.target, wanted.image.repository, wanted.auth.credentials,
                             wanted.auth.token)
-    early = await plan_before_ready(client, state.store, state.size_guesses, resolution.digest, name)
+    job_id = job_id_for(resolution.key)
+    release = state.preparer.hold(job_id)
+    try:
+        early = await plan_before_ready(client, state.store, state.size_guesses, resolution.digest, name)
+    except BaseException:
+        release()
+        raise
     if early is None:
+        release()
         log.info("download %s: sizes unknown before unpacking, waiting for the preparation", request.url.path)
         return None
     log.info("download %s: still preparing after %gs, streaming %d bytes as layers verify", request.url.path,
              settings.prepare_grace, early.plan.size)
-    job_id = job_id_for(resolution.key)
     gate = EarlyGate(early, state.store, wanted.target.api_url, wanted.image.repository,
                      lambda: state.preparer.state(job_id),
                      lambda: state.store.get_image(resolution.key) is not None, settings.prepare_timeout)
-    body = stream_archive(state.store, early.plan, early.diff_ids, 0, early.plan.size, gate)
+    body = _held(stream_archive(state.store, early.plan, early.diff_ids, 0, early.plan.size, gate), release)
     headers = {**archive_headers(early.plan, resolution.digest, wanted.filename),
                "Content-Length": str(early.plan.size)}
     return StreamingResponse(body, headers=headers)
@@ -166,6 +188,7 @@ async def prewarm(request: Request) -> Response:
         else:
             await state.cold_images.admit(resolution.key, state.store, state.preparer)
             job_id = await state.preparer.start(_spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
+            state.preparer.hold(job_id)  # a pre-warm is needed until it is done: never released
             status, body = 202, (await state.preparer.status(job_id)) or {"state": "queued"}
     except PassthroughError as exc:
         return refusal_response(exc, wanted, _may_challenge(request))

@@ -158,6 +158,10 @@ class QueuePreparer:
     async def start(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> str:
         return (await self._start(spec, credentials))[0]
 
+    def hold(self, job_id: str) -> Callable[[], None]:
+        """Jobs run to their end (another API process may need them): nothing to hold."""
+        return lambda: None
+
     async def ensure(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord:
         job_id, started_by = await self._start(spec, credentials)
         if self.store.get_image(spec.key) is None:

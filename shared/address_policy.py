@@ -150,7 +150,8 @@ def parse_allowed_hosts(raw: str | None, resolver: Resolver | None = None) -> Ad
             keywords.add(entry.lower())
             continue
         try:
-            networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+            bare = entry[1:-1] if entry.startswith("[") and entry.endswith("]") else entry
+            networks.append(ipaddress.ip_network(bare, strict=False))
             continue
         except ValueError:
             pass

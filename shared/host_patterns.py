@@ -33,7 +33,9 @@ def split_host_port(text: str) -> tuple[str, int | None]:
     """`host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address → (host, port)."""
     text = text.strip()
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"{text!r} lacks the closing ]")
         port = rest[1:] if rest.startswith(":") else None
         if rest and port is None:
             raise ValueError(f"{text!r} is not host[:port]")
