@@ -130,9 +130,12 @@ class AddressPolicy:
         try:
             addresses = await self.resolve(host, port)
         except OSError:
-            if by_name and not must_resolve:
-                return []
-            raise
+            if must_resolve:
+                raise  # a direct connection to it would fail anyway
+            if by_name:
+                return []  # the proxy resolves it
+            raise self.refuse(host, "a name that does not resolve here, so its address cannot be checked "
+                                    "(through a proxy, allow it by name)") from None
         for text in addresses:
             why = self.refusal(ipaddress.ip_address(text.split("%")[0]), by_name)
             if why:

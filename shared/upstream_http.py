@@ -136,10 +136,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         port = url.port or (443 if url.scheme == "https" else 80)
         proxy = self.proxy_for(url)
         if self.policy is not None and proxy is not None:
-            try:
-                await self.policy.allowed_addresses(url.host, port, must_resolve=False)
-            except OSError as exc:
-                raise httpx.ConnectError(f"{url.host}: {exc}", request=request) from exc
+            await self.policy.allowed_addresses(url.host, port, must_resolve=False)
         return await self._pool(self.trust.key(url.host, port), proxy).handle_async_request(request)
 
     async def aclose(self) -> None:

@@ -4,7 +4,9 @@ The registry listens on a free loopback port, keeps its storage under a
 caller-provided work directory and is stopped explicitly (fixtures do that).
 With ``tls`` (a ``tests.support.tls.CertPair``) it serves HTTPS (distribution's
 ``http.tls``); with ``storage_dir`` it serves another registry's storage (push
-over plain HTTP to one, read over TLS from the other).
+over plain HTTP to one, read over TLS from the other); ``extra`` adds config
+sections (e.g. ``{"proxy": {"remoteurl": ...}}`` for a pull-through mirror) and
+``env`` environment variables (HTTPS_PROXY, SSL_CERT_FILE for its own requests).
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def start_registry(
     timeout: float = STARTUP_TIMEOUT_SECONDS,
     tls: CertPair | None = None,
     storage_dir: Path | None = None,
+    extra: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
 ) -> RegistryProcess:
     """Start a registry storing data under ``workdir`` and wait until it answers.
 
@@ -106,7 +110,7 @@ def start_registry(
     storage.mkdir(parents=True, exist_ok=True)
     log_tail = ""
     for _attempt in range(3):  # free_port() is racy; retry a taken port
-        registry = _spawn(workdir, auth, tls, storage)
+        registry = _spawn(workdir, auth, tls, storage, extra, env)
         if wait_until(lambda: _answers(registry), timeout, registry.process, interval=0.05):
             return registry
         registry.stop()
@@ -119,15 +123,17 @@ def start_registry(
     )
 
 
-def _spawn(workdir: Path, auth: dict[str, Any] | None, tls: CertPair | None, storage: Path) -> RegistryProcess:
+def _spawn(workdir: Path, auth: dict[str, Any] | None, tls: CertPair | None, storage: Path,
+           extra: dict[str, Any] | None, extra_env: dict[str, str] | None) -> RegistryProcess:
     port = free_port()
     config_path = workdir / "config.yml"
     # JSON is valid YAML, and saves us a YAML writer.
-    config_path.write_text(json.dumps(registry_config(storage, port, auth, tls), indent=2))
+    config_path.write_text(json.dumps({**registry_config(storage, port, auth, tls), **(extra or {})}, indent=2))
     log_path = workdir / "registry.log"
     # REGISTRY_* variables override the config file in distribution; drop any
     # inherited ones so the config above is the whole truth.
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+    env.update(extra_env or {})
     with open_log(log_path) as log:
         process = subprocess.Popen(
             [REGISTRY_BINARY, "serve", str(config_path)],
