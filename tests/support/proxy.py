@@ -151,22 +151,14 @@ class CountingProxy(ThreadedServer):
             self._fails.clear()
             self._body_bytes.clear()
 
-    def count(
-        self,
-        method: str | None = None,
-        kind: Kind | None = None,
-        path_contains: str | None = None,
-        status: int | None = None,
-    ) -> int:
+    def count(self, method: str | None = None, kind: Kind | None = None, path_contains: str | None = None,
+              status: int | None = None) -> int:
         """Number of recorded requests matching all given filters."""
-        return sum(
-            1
-            for record in self.requests
-            if (method is None or record.method == method.upper())
-            and (kind is None or kind_of(record.path) == kind)
-            and (path_contains is None or path_contains in record.path)
-            and (status is None or record.status == status)
-        )
+        return sum(1 for record in self.requests
+                   if (method is None or record.method == method.upper())
+                   and (kind is None or kind_of(record.path) == kind)
+                   and (path_contains is None or path_contains in record.path)
+                   and (status is None or record.status == status))
 
     def _record(self, method: str, path: str, status: int) -> None:
         with self._lock:
