@@ -36,6 +36,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+# Scenario modules beside this script register into this table with `from faults import fault`: run as a script,
+# this module must be the one they import.
+sys.modules.setdefault("faults", sys.modules[__name__])
 for _name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
     os.environ.pop(_name, None)  # loopback only: no environment proxy may see our traffic
 
@@ -248,6 +251,9 @@ def fuzz(lab: Lab) -> Figures:
     for index, finding in enumerate(report.findings[:5]):
         figures[f"finding {index + 1}"] = finding[:160]
     return after_run(server, figures)
+
+
+import faults_upstream  # noqa: E402,F401 - registry-side scenarios (cuts, Retry-After, hostile registries)
 
 
 # --------------------------------------------------------------------------- running
