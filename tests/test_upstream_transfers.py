@@ -55,11 +55,20 @@ def store(tmp_path) -> Store:
     return Store(tmp_path / "cache")
 
 
-def layer_registry(tar: bytes, **settings) -> tuple[FakeRegistry, mf.Descriptor, str]:
+def layer_registry(tar: bytes) -> tuple[FakeRegistry, mf.Descriptor, str, bytes]:
+    """A fake registry holding ``tar`` as a gzip layer: (fake, its descriptor, its diff_id, the blob)."""
     blob = gzip.compress(tar, mtime=0)
     fake = FakeRegistry(chunk=1000)
     fake.add_blob(blob)
-    return fake, mf.Descriptor(GZIP_LAYER, sha(blob), len(blob)), sha(tar)
+    return fake, mf.Descriptor(GZIP_LAYER, sha(blob), len(blob)), sha(tar), blob
+
+
+def cut(blob: bytes, after: int, start: int = 0) -> httpx.Response:
+    """The blob from ``start`` (a 206 unless 0), breaking after ``after`` bytes."""
+    headers = {"Content-Length": str(len(blob) - start)}
+    if start:
+        headers["Content-Range"] = f"bytes {start}-{len(blob) - 1}/{len(blob)}"
+    return httpx.Response(206 if start else 200, headers=headers, stream=CutStream(blob[start:], after))
 
 
 # --- Retry-After and backoff
@@ -139,13 +148,12 @@ async def test_retries_end_by_the_clients_deadline():
 @pytest.mark.anyio
 async def test_a_cut_blob_resumes_from_the_received_offset_and_verifies_as_a_whole(store):
     tar = tar_of(os.urandom(300_000))
-    fake, layer, diff_id = layer_registry(tar)
-    blob = fake.blobs[layer.digest]
+    fake, layer, diff_id, blob = layer_registry(tar)
     cuts = [123_457]
 
     def cut_once(request):
         if "/blobs/" in request.url.path and "range" not in request.headers and cuts:
-            return httpx.Response(200, headers={"Content-Length": str(len(blob))}, stream=CutStream(blob, cuts.pop()))
+            return cut(blob, cuts.pop())
         return None
 
     fake.override = cut_once
@@ -159,15 +167,14 @@ async def test_a_cut_blob_resumes_from_the_received_offset_and_verifies_as_a_who
 @pytest.mark.anyio
 async def test_a_server_that_ignores_range_is_read_again_from_the_start_skipping_what_we_have(store):
     tar = tar_of(os.urandom(200_000))
-    fake, layer, diff_id = layer_registry(tar)
-    blob = fake.blobs[layer.digest]
+    fake, layer, diff_id, blob = layer_registry(tar)
     cuts = [50_000]
 
     def no_ranges(request):
         if "/blobs/" not in request.url.path:
             return None
         if cuts:
-            return httpx.Response(200, headers={"Content-Length": str(len(blob))}, stream=CutStream(blob, cuts.pop()))
+            return cut(blob, cuts.pop())
         return streamed(blob, chunk=777)  # a 200 with everything, Range or not
 
     fake.override = no_ranges
@@ -179,14 +186,13 @@ async def test_a_server_that_ignores_range_is_read_again_from_the_start_skipping
 @pytest.mark.anyio
 async def test_a_resume_answered_from_the_wrong_offset_is_refused_and_nothing_is_stored(store):
     tar = tar_of(os.urandom(100_000))
-    fake, layer, diff_id = layer_registry(tar)
-    blob = fake.blobs[layer.digest]
+    fake, layer, diff_id, blob = layer_registry(tar)
 
     def wrong_range(request):
         if "/blobs/" not in request.url.path:
             return None
         if "range" not in request.headers:
-            return httpx.Response(200, headers={"Content-Length": str(len(blob))}, stream=CutStream(blob, 10_000))
+            return cut(blob, 10_000)
         return streamed(blob[5_000:], 206, **{"Content-Range": f"bytes 5000-{len(blob) - 1}/{len(blob)}"})
 
     fake.override = wrong_range
@@ -200,16 +206,12 @@ async def test_a_resume_answered_from_the_wrong_offset_is_refused_and_nothing_is
 @pytest.mark.anyio
 async def test_a_blob_cut_every_time_fails_after_the_retries_naming_them(store):
     tar = tar_of(os.urandom(50_000))
-    fake, layer, diff_id = layer_registry(tar)
-    blob = fake.blobs[layer.digest]
+    fake, layer, diff_id, blob = layer_registry(tar)
 
     def always_cut(request):
         if "/blobs/" not in request.url.path:
             return None
-        start = int(request.headers.get("range", "bytes=0-")[6:-1])
-        return httpx.Response(206 if start else 200, headers={
-            "Content-Length": str(len(blob) - start), "Content-Range": f"bytes {start}-{len(blob) - 1}/{len(blob)}"},
-            stream=CutStream(blob[start:], 1000))
+        return cut(blob, 1000, start=int(request.headers.get("range", "bytes=0-")[6:-1]))
 
     fake.override = always_cut
     async with fake.http(upstream_retries=2) as http:
@@ -296,7 +298,7 @@ async def test_layer_count_and_image_size_are_checked_before_any_blob_is_fetched
 @pytest.mark.anyio
 async def test_a_gzip_bomb_stops_at_the_image_size_limit_and_stores_nothing(store):
     tar = tar_of(bytes(8 << 20))  # 8 MiB of zeros: a few KiB of gzip
-    fake, layer, diff_id = layer_registry(tar)
+    fake, layer, diff_id, _blob = layer_registry(tar)
     async with fake.http(image_max_bytes=1 << 20) as http:
         with pytest.raises(LimitExceeded, match="IMAGE_MAX_BYTES=1048576"):
             await fetch_layer(RegistryClient(http, target(), REPO), store, layer, diff_id)
