@@ -52,6 +52,10 @@ class EmbeddedPreparer:
         # Forget the task when it ends, success or failure, so a later request retries a failure.
         if job_id in self.running and self.running[job_id][0] is task:
             del self.running[job_id]
+            self.holders.pop(job_id, None)  # a pre-warm's hold is never released: forget it with the job
+            timer = self.abandoning.pop(job_id, None)
+            if timer is not None:
+                timer.cancel()
         if not task.cancelled() and task.exception() is not None:
             self.failures[job_id] = (time.time(), failure_of(task.exception()))
 
@@ -67,7 +71,7 @@ class EmbeddedPreparer:
 
         def release() -> None:
             nonlocal released
-            if released:
+            if released or job_id not in self.holders:  # released already, or the preparation ended
                 return
             released = True
             self.holders[job_id] -= 1

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import logging
 from typing import AsyncIterator
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -145,12 +146,15 @@ class RegistryClient:
                     attempts: Attempts, what: str) -> httpx.Response:
         """The mirror first, if any: its failures, 404s and 5xx fall back to the registry itself."""
         for mirror in self.endpoints[:-1]:
+            # One attempt, in at most half the time left: a mirror that hangs must leave time for the registry.
+            left = attempts.deadline - asyncio.get_running_loop().time()
             try:
-                once = Attempts(0, attempts.deadline, 0)
-                response = await mirror.send(method, kind, reference, headers, operation, once, what)
-            except MIRROR_FALLBACK as exc:
-                log.info("mirror %s failed for %s (%s); asking %s", mirror.target.name, what, exc.message,
-                         self.target.name)
+                async with asyncio.timeout(max(left / 2, 0.1)):
+                    response = await mirror.send(method, kind, reference, headers, operation,
+                                                 Attempts(0, attempts.deadline, 0), what)
+            except (*MIRROR_FALLBACK, TimeoutError) as exc:
+                log.info("mirror %s failed for %s (%s); asking %s", mirror.target.name, what,
+                         getattr(exc, "message", "no answer in time"), self.target.name)
                 continue
             if response.status_code < 400:
                 return response
@@ -230,6 +234,32 @@ class RegistryClient:
             async with contextlib.aclosing(chunks):
                 yield chunks
 
+    @contextlib.asynccontextmanager
+    async def url_stream(self, url: str, size: int | None, what: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        """A blob at any URL, e.g. a foreign layer's descriptor `urls`: no credentials, retries, resume and the
+        deadline as for registry blobs, and the guarded client (REGISTRY_ALLOWED_HOSTS, redirects too) unless the
+        URL is the configured registry's. Verify what comes against the descriptor's digest."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidContent(f"{what} has a URL that is not http(s): {url}")
+        endpoint = Endpoint(self.registries, RegistryTarget(f"{parts.scheme}://{parts.netloc}", parts.netloc),
+                            self.repository)
+        attributes = endpoint.span_attributes("GET", url, "{foreign_url}", "foreign_blob")
+
+        async def open_at(offset: int) -> httpx.Response:
+            response = await endpoint.request("GET", url, range_header(offset), attempts, span_name="GET {foreign_url}",
+                                              attributes=attributes, what=what, who=parts.netloc)
+            if response.status_code not in (200, 206):
+                await response.aclose()
+                raise (NotFound if response.status_code == 404 else Unreachable)(
+                    f"{parts.netloc} answered HTTP {response.status_code} for {what}")
+            return response
+
+        async with self.transfer(what, size or 0) as attempts:
+            chunks = resumable_chunks(open_at, size, attempts, what)
+            async with contextlib.aclosing(chunks):
+                yield chunks
+
     async def blob_range(self, digest: str, start: int, length: int) -> bytes | None:
         """`length` bytes of a blob from `start`, or None if the registry ignores Range."""
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
@@ -239,7 +269,7 @@ class RegistryClient:
             try:
                 if response.status_code != 206:
                     return None  # a 200 would be the whole blob: do not read it
-                data = await read_capped(response, length, "the range asked for", f"a range of the blob {digest}")
+                data = await read_capped(response, length, None, f"a range of the blob {digest}")
             except LimitExceeded:
                 return None
             finally:

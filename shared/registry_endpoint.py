@@ -40,11 +40,11 @@ if TYPE_CHECKING:
 TOKEN_MAX_BYTES = 1 << 20
 
 
-async def read_capped(response: httpx.Response, cap: int, setting: str, what: str) -> bytes:
+async def read_capped(response: httpx.Response, cap: int, setting: str | None, what: str) -> bytes:
     """The body (decoded, as `response.content` would be), read piece by piece and never past `cap` bytes: a
     larger one fails naming `setting`."""
     declared = response.headers.get("content-length", "")
-    too_large = LimitExceeded(f"{what} is larger than {setting}={cap} bytes")
+    too_large = LimitExceeded(f"{what} is larger than {f'{setting}=' if setting else ''}{cap} bytes")
     if declared.isdigit() and int(declared) > cap:
         raise too_large
     pieces, size = [], 0
@@ -220,7 +220,7 @@ class Endpoint:
                     else "the registry requires credentials")
             if response.status_code != 200:
                 raise Unreachable(f"the registry's token endpoint answered HTTP {response.status_code}")
-            body = await read_capped(response, TOKEN_MAX_BYTES, "a fixed limit", "the token endpoint's answer")
+            body = await read_capped(response, TOKEN_MAX_BYTES, None, "the token endpoint's answer")
         finally:
             await response.aclose()
         return self._remember_token(key, body)

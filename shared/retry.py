@@ -59,7 +59,7 @@ class Attempts:
     async def pause(self, response: httpx.Response | None, what: str) -> None:
         self.failed += 1
         if self.failed > self.retries:
-            raise GiveUp(f"{what}, {self.failed} times (UPSTREAM_RETRIES={self.retries})")
+            raise GiveUp(f"{what} ({self.failed} attempts, UPSTREAM_RETRIES={self.retries})")
         asked = retry_after(response)
         if asked is not None and asked > self.retry_after_max:
             raise GiveUp(f"{what} and asked to retry after {asked:.0f}s, longer than "

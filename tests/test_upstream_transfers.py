@@ -15,15 +15,25 @@ import time
 import httpx
 import pytest
 from docker_http_passthrough.shared import manifest as mf
-from docker_http_passthrough.shared.errors import InvalidContent, LimitExceeded, NotFound, TimedOut, Unreachable
+from docker_http_passthrough.shared.errors import (
+    InvalidContent,
+    LimitExceeded,
+    NotAllowed,
+    NotFound,
+    TimedOut,
+    Unreachable,
+)
 from docker_http_passthrough.shared.layer_download import fetch_layer
 from docker_http_passthrough.shared.locks import LocalLocks
 from docker_http_passthrough.shared.prepare import prepare_image
 from docker_http_passthrough.shared.registry import RegistryClient
 from docker_http_passthrough.shared.retry import Attempts, GiveUp, retry_after
+from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import Store
+from docker_http_passthrough.shared.targets import docker_hub_target
+from docker_http_passthrough.shared.upstream_http import registries_for
 
-from tests.support.fake_registry import REPO, ChunkStream, FakeRegistry, sample_registry, streamed, target
+from tests.support.fake_registry import ALICE, CONFIG_BLOB, REPO, ChunkStream, FakeRegistry, sample_registry, streamed, target
 from tests.support.images import DOCKER_CONFIG, DOCKER_MANIFEST, sha
 
 GZIP_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
@@ -303,3 +313,58 @@ async def test_a_gzip_bomb_stops_at_the_image_size_limit_and_stores_nothing(stor
         with pytest.raises(LimitExceeded, match="IMAGE_MAX_BYTES=1048576"):
             await fetch_layer(RegistryClient(http, target(), REPO), store, layer, diff_id)
     assert [p for p in store.root.rglob("*") if p.is_file()] == []
+
+
+# --- foreign layers (descriptor `urls`): the hook for fetching them
+
+
+@pytest.mark.anyio
+async def test_a_foreign_layer_url_resumes_like_a_blob_and_is_guarded_like_a_host_a_client_names():
+    blob = os.urandom(30_000)
+    fake = FakeRegistry()
+    cuts = [7_000]
+
+    def cdn(request):
+        assert "authorization" not in request.headers  # no registry credentials go to a foreign URL
+        start = int(request.headers.get("range", "bytes=0-")[6:-1])
+        if cuts:
+            return cut(blob, cuts.pop(), start=start)
+        return streamed(blob[start:], 206, **{"Content-Range": f"bytes {start}-{len(blob) - 1}/{len(blob)}"})
+
+    fake.override = cdn
+    async with fake.http() as http:
+        client = RegistryClient(http, target(), REPO, ALICE)
+        async with client.url_stream("https://cdn.example/layer.tar.gz", len(blob), "the foreign layer") as chunks:
+            received = b"".join([chunk async for chunk in chunks])
+    assert received == blob
+    assert [r.headers.get("range") for r in fake.requests] == [None, "bytes=7000-"]
+
+    async with registries_for(Settings(registry_allowed_hosts="public")) as registries:
+        client = RegistryClient(registries, target(), REPO)
+        with pytest.raises(NotAllowed):
+            async with client.url_stream("http://127.0.0.1:9/layer.tar.gz", 10, "the foreign layer") as chunks:
+                async for _chunk in chunks:
+                    pass
+
+
+# --- REGISTRY_MIRROR
+
+
+@pytest.mark.anyio
+async def test_docker_hub_pulls_ask_the_mirror_first_and_fall_back_to_docker_hub():
+    fake = sample_registry()
+    fake.missing.add(("mirror.example", sha(CONFIG_BLOB)))  # the mirror has the manifest, not the config
+    fake.override = lambda request: httpx.Response(200, json={"token": "hub"}) \
+        if request.url.host == "auth.docker.io" else None
+    async with fake.http(registry_mirror="https://mirror.example") as http:
+        await RegistryClient(http, docker_hub_target(), REPO).head_manifest("v1")
+        assert [r.url.host for r in fake.requests] == ["mirror.example"]  # anonymous, no token needed
+        fake.requests.clear()
+        await RegistryClient(http, docker_hub_target(), REPO).get_blob(sha(CONFIG_BLOB))
+        assert [r.url.host for r in fake.requests] == ["mirror.example", "auth.docker.io", "registry-1.docker.io"]
+        fake.requests.clear()
+        await RegistryClient(http, docker_hub_target(), REPO, ALICE).head_manifest("v1")  # the client's own
+        assert [r.url.host for r in fake.requests] == ["auth.docker.io", "registry-1.docker.io"]
+        fake.requests.clear()
+        await RegistryClient(http, target(), REPO).head_manifest("v1")  # not Docker Hub: no mirror
+        assert [r.url.host for r in fake.requests] == ["reg.example"]
