@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import logging
 from typing import AsyncIterator
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -231,32 +230,6 @@ class RegistryClient:
         async with self.transfer(f"the blob {digest}", size or 0) as attempts:
             chunks = resumable_chunks(lambda offset: self._open_blob(digest, offset, attempts), size, attempts,
                                       f"the blob {digest} from {self.target.name}")
-            async with contextlib.aclosing(chunks):
-                yield chunks
-
-    @contextlib.asynccontextmanager
-    async def url_stream(self, url: str, size: int | None, what: str) -> AsyncIterator[AsyncIterator[bytes]]:
-        """A blob at any URL, e.g. a foreign layer's descriptor `urls`: no credentials, retries, resume and the
-        deadline as for registry blobs, and the guarded client (REGISTRY_ALLOWED_HOSTS, redirects too) unless the
-        URL is the configured registry's. Verify what comes against the descriptor's digest."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidContent(f"{what} has a URL that is not http(s): {url}")
-        endpoint = Endpoint(self.registries, RegistryTarget(f"{parts.scheme}://{parts.netloc}", parts.netloc),
-                            self.repository)
-        attributes = endpoint.span_attributes("GET", url, "{foreign_url}", "foreign_blob")
-
-        async def open_at(offset: int) -> httpx.Response:
-            response = await endpoint.request("GET", url, range_header(offset), attempts, span_name="GET {foreign_url}",
-                                              attributes=attributes, what=what, who=parts.netloc)
-            if response.status_code not in (200, 206):
-                await response.aclose()
-                raise (NotFound if response.status_code == 404 else Unreachable)(
-                    f"{parts.netloc} answered HTTP {response.status_code} for {what}")
-            return response
-
-        async with self.transfer(what, size or 0) as attempts:
-            chunks = resumable_chunks(open_at, size, attempts, what)
             async with contextlib.aclosing(chunks):
                 yield chunks
 

@@ -18,10 +18,10 @@ from docker_http_passthrough.shared import manifest as mf
 from docker_http_passthrough.shared.errors import (
     InvalidContent,
     LimitExceeded,
-    NotAllowed,
     NotFound,
     TimedOut,
     Unreachable,
+    Unsupported,
 )
 from docker_http_passthrough.shared.layer_download import fetch_layer
 from docker_http_passthrough.shared.locks import LocalLocks
@@ -30,11 +30,12 @@ from docker_http_passthrough.shared.registry import RegistryClient
 from docker_http_passthrough.shared.retry import Attempts, GiveUp, retry_after
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import Store
-from docker_http_passthrough.shared.targets import docker_hub_target
+from docker_http_passthrough.shared.targets import RegistryTarget, docker_hub_target
 from docker_http_passthrough.shared.upstream_http import registries_for
 
 from tests.support.fake_registry import ALICE, CONFIG_BLOB, REPO, ChunkStream, FakeRegistry, sample_registry, streamed, target
 from tests.support.images import DOCKER_CONFIG, DOCKER_MANIFEST, sha
+from tests.support.rogue_registry import RogueRegistry
 
 GZIP_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
@@ -315,38 +316,6 @@ async def test_a_gzip_bomb_stops_at_the_image_size_limit_and_stores_nothing(stor
     assert [p for p in store.root.rglob("*") if p.is_file()] == []
 
 
-# --- foreign layers (descriptor `urls`): the hook for fetching them
-
-
-@pytest.mark.anyio
-async def test_a_foreign_layer_url_resumes_like_a_blob_and_is_guarded_like_a_host_a_client_names():
-    blob = os.urandom(30_000)
-    fake = FakeRegistry()
-    cuts = [7_000]
-
-    def cdn(request):
-        assert "authorization" not in request.headers  # no registry credentials go to a foreign URL
-        start = int(request.headers.get("range", "bytes=0-")[6:-1])
-        if cuts:
-            return cut(blob, cuts.pop(), start=start)
-        return streamed(blob[start:], 206, **{"Content-Range": f"bytes {start}-{len(blob) - 1}/{len(blob)}"})
-
-    fake.override = cdn
-    async with fake.http() as http:
-        client = RegistryClient(http, target(), REPO, ALICE)
-        async with client.url_stream("https://cdn.example/layer.tar.gz", len(blob), "the foreign layer") as chunks:
-            received = b"".join([chunk async for chunk in chunks])
-    assert received == blob
-    assert [r.headers.get("range") for r in fake.requests] == [None, "bytes=7000-"]
-
-    async with registries_for(Settings(registry_allowed_hosts="public")) as registries:
-        client = RegistryClient(registries, target(), REPO)
-        with pytest.raises(NotAllowed):
-            async with client.url_stream("http://127.0.0.1:9/layer.tar.gz", 10, "the foreign layer") as chunks:
-                async for _chunk in chunks:
-                    pass
-
-
 # --- REGISTRY_MIRROR
 
 
@@ -368,3 +337,25 @@ async def test_docker_hub_pulls_ask_the_mirror_first_and_fall_back_to_docker_hub
         fake.requests.clear()
         await RegistryClient(http, target(), REPO).head_manifest("v1")  # not Docker Hub: no mirror
         assert [r.url.host for r in fake.requests] == ["reg.example"]
+
+
+# --- foreign layers (descriptor `urls`) go through the guarded client
+
+
+@pytest.mark.anyio
+async def test_a_foreign_layer_url_is_checked_against_registry_allowed_hosts_like_a_registry_a_client_names(store):
+    """The registry (REGISTRY_URL, trusted) lacks the layer; its descriptor's URL points at 127.0.0.2, which
+    ALLOW_FOREIGN_LAYERS=* would allow but REGISTRY_ALLOWED_HOSTS does not: refused, and nothing reaches it."""
+    tar = tar_of(b"foreign")
+    blob = gzip.compress(tar, mtime=0)
+    with RogueRegistry("x/app", "v1", b"{}", "application/json", {}, host="127.0.0.2") as elsewhere, \
+            RogueRegistry("team/app", "v1", b"{}", "application/json", {}) as registry:
+        layer = mf.Descriptor("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", sha(blob), len(blob),
+                              (f"{elsewhere.url}/layer.tar.gz",))
+        settings = Settings(registry_url=registry.url, foreign_layer_hosts=("*",), registry_allowed_hosts="public")
+        async with registries_for(settings) as registries:
+            client = RegistryClient(registries, RegistryTarget(registry.url, registry.host), "team/app")
+            with pytest.raises(Unsupported, match="REGISTRY_ALLOWED_HOSTS") as info:
+                await fetch_layer(client, store, layer, sha(tar))
+    assert info.value.code == "foreign_layer" and elsewhere.requests == []
+    assert [r[1] for r in registry.requests] == [f"/v2/team/app/blobs/{layer.digest}"]  # the registry was asked
