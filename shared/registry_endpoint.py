@@ -186,9 +186,11 @@ class Endpoint:
             try:
                 await attempts.pause(response, f"{what}: HTTP {response.status_code}")
             except GiveUp as give_up:
-                said = describe(response.headers) if response.status_code == 429 else ""
-                raise Unreachable(f"{who} answered HTTP {response.status_code}{f' ({said})' if said else ''}: "
-                                  f"{give_up}", code="rate_limited" if response.status_code == 429 else None) from None
+                if response.status_code == 429:
+                    said = describe(response.headers)
+                    raise Unreachable(f"{who} is rate-limiting requests (HTTP 429{', ' + said if said else ''}): "
+                                      f"{give_up}", code="rate_limited") from None
+                raise Unreachable(f"{who} answered HTTP {response.status_code}: {give_up}") from None
 
     # --- auth
 

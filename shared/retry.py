@@ -1,7 +1,8 @@
 """Bounded retries of upstream requests: exponential backoff with full jitter, and Retry-After honoured.
 
 A transfer gets UPSTREAM_RETRIES further attempts after connection errors, cuts and the statuses a registry uses
-for "try again" (408, 429, 5xx). A Retry-After (seconds or an HTTP date) is waited for exactly when it is at
+for "try again" (408, 429, 5xx) — except a 429 that says the pull limit is used up (`ratelimit-remaining: 0`, as
+Docker Hub's does): that lasts the rest of its window. A Retry-After (seconds or an HTTP date) is waited for exactly when it is at
 most UPSTREAM_RETRY_AFTER_MAX; a longer one, or a wait that would end past the transfer's deadline, ends the
 transfer at once: a device waiting for headers is better served by a clear error than by a silent wait.
 """
@@ -15,6 +16,8 @@ import random
 import time
 
 import httpx
+
+from docker_http_passthrough.shared.rate_limits import parse_quota
 
 log = logging.getLogger("docker_http_passthrough.upstream")
 
@@ -60,6 +63,9 @@ class Attempts:
         self.failed += 1
         if self.failed > self.retries:
             raise GiveUp(f"{what} ({self.failed} attempts, UPSTREAM_RETRIES={self.retries})")
+        if response is not None and response.status_code == 429 and not retry_after(response) and \
+                (remaining := parse_quota(response.headers.get("ratelimit-remaining"))) and not remaining.count:
+            raise GiveUp(f"{what}: the registry's pull limit is used up (ratelimit-remaining 0) for its whole window")
         asked = retry_after(response)
         if asked is not None and asked > self.retry_after_max:
             raise GiveUp(f"{what} and asked to retry after {asked:.0f}s, longer than "
