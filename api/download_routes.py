@@ -79,7 +79,7 @@ async def download(request: Request) -> Response:
         wanted = parse_image_request(request)
         attributes.update(image_attributes(request, wanted))
         _note(request, image=f"{wanted.target.name}/{wanted.image}", platform=str(wanted.platform))
-        resolution = await resolve(request, wanted)
+        resolution = await unless_client_leaves(request, resolve(request, wanted))
         name = repo_tag(wanted.image, registry_host=wanted.target.repo_tag_host)
         record = state.store.get_image(resolution.key)
         cached = record is not None

@@ -221,8 +221,9 @@ async def resolve_platform_digest(client: RegistryClient, store: Store, referenc
         index = await manifest_bytes(client, store, head.digest)
         return mf.select_platform(index, platform).digest
     manifest = mf.parse_image_manifest(await manifest_bytes(client, store, head.digest))
-    config = stored_blob(client, store, manifest.config.digest) or await config_bytes(client, store,
-                                                                                      manifest.config.digest)
+    mf.check_limits(manifest, client.settings.image_max_layers, client.settings.image_max_bytes)
+    config = stored_blob(client, store, manifest.config.digest) or await config_bytes(
+        client, store, manifest.config.digest, manifest.config.size)
     mf.check_config_platform(config, platform)
     return head.digest
 

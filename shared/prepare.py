@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from docker_http_passthrough.shared import manifest as mf
-from docker_http_passthrough.shared.errors import InvalidContent, LimitExceeded
+from docker_http_passthrough.shared.errors import InvalidContent
 from docker_http_passthrough.shared.eviction import evict, held_leases, record_use
 from docker_http_passthrough.shared.jobs import Progress, image_key, job_id_for
 from docker_http_passthrough.shared.layer_download import all_or_nothing, fetch_layer
@@ -64,7 +64,7 @@ async def prepare_image(client: RegistryClient, store: Store, manifest_digest: s
 async def _prepare(job: _Job, key: str, manifest_digest: str, cache_max_bytes: int) -> ImageRecord:
     client, store = job.client, job.store
     manifest = mf.parse_image_manifest(await manifest_bytes(client, store, manifest_digest))
-    check_limits(manifest, client.settings.image_max_layers, client.settings.image_max_bytes)
+    mf.check_limits(manifest, client.settings.image_max_layers, client.settings.image_max_bytes)
     diff_ids = mf.diff_ids_of(await config_bytes(client, store, manifest.config.digest, manifest.config.size))
     if len(diff_ids) != len(manifest.layers):
         raise InvalidContent(f"the manifest lists {len(manifest.layers)} layers but the config has "
@@ -88,15 +88,6 @@ async def _prepare(job: _Job, key: str, manifest_digest: str, cache_max_bytes: i
         store.put_image(key, record)
         await asyncio.to_thread(evict, store, cache_max_bytes)
     return record
-
-
-def check_limits(manifest: mf.ImageManifest, max_layers: int, max_bytes: int) -> None:
-    """Before anything else is fetched: an image past IMAGE_MAX_LAYERS or IMAGE_MAX_BYTES is refused."""
-    if len(manifest.layers) > max_layers:
-        raise LimitExceeded(f"the image has {len(manifest.layers)} layers, more than IMAGE_MAX_LAYERS={max_layers}")
-    size = manifest.config.size + sum(layer.size for layer in manifest.layers)
-    if size > max_bytes:
-        raise LimitExceeded(f"the image's blobs take {size} bytes, more than IMAGE_MAX_BYTES={max_bytes}")
 
 
 async def _layer(job: _Job, index: int, layer: mf.Descriptor, diff_id: str) -> int:

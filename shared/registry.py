@@ -63,6 +63,7 @@ class Registries:
         # Small blobs being fetched, per (registry, repository, digest, identity): requests arriving together
         # share one GET (see small_blobs).
         self.fetches: dict[tuple[str, ...], asyncio.Future] = {}
+        self.fetch_waiters: dict[tuple[str, ...], int] = {}  # who still waits for each of them
         # Across processes too (API replicas and workers share Redis in two-tier mode): one GET per small blob.
         self.blob_locks: Locks = blob_locks or LocalLocks()
         self.configured = target_from_settings(self.settings)

@@ -51,8 +51,17 @@ async def _small_blob(client: RegistryClient, store: Store, digest: str,
     if pending is None:
         pending = client.fetches[key] = asyncio.ensure_future(fetch_and_store())
         pending.add_done_callback(lambda _done: client.fetches.pop(key, None))
-    # shield: a client that hangs up does not cancel the fetch the others wait for.
-    return await asyncio.shield(pending), False
+    # shield: a client that hangs up does not cancel the fetch the others wait for; when the last one is gone,
+    # nothing needs it any more and it stops (its upstream connection closes).
+    waiting = client.registries.fetch_waiters
+    waiting[key] = waiting.get(key, 0) + 1
+    try:
+        return await asyncio.shield(pending), False
+    finally:
+        waiting[key] -= 1
+        if not waiting[key]:
+            del waiting[key]
+            pending.cancel()  # a no-op when it is done
 
 
 async def manifest_bytes(client: RegistryClient, store: Store, digest: str) -> bytes:

@@ -161,17 +161,22 @@ def test_ten_thousand_layers_are_refused_at_once_naming_image_max_layers(mode, s
         assert not [r for r in rogue.requests if "/blobs/" in r[1]], "no blob, not even the config, was asked for"
 
 
-def test_a_dripping_config_ends_at_upstream_deadline_and_its_connection_closes(mode, stack):
-    config = make_config([])
-    manifest, _ = rogue_image(config=config)
-    running = stack(mode, workers=1, env={"UPSTREAM_DEADLINE": "3"})
-    with RogueRegistry("evil/app", "v1", manifest, DOCKER_MANIFEST, {}) as rogue:
-        rogue.answers[rogue.blob_path(sha(config))] = Answer(200, {}, Drip(config, every=1.0))
+@pytest.mark.parametrize("mode, dripping", [("embedded", "config"), ("two-tier", "layer")])
+def test_a_dripping_blob_ends_at_upstream_deadline_and_its_connection_closes(stack, mode, dripping):
+    """The config is read by the API (resolving the tag checks its platform), a layer by the preparation (a worker
+    in two-tier mode): either way the transfer ends at its deadline, with a JSON error, and its connection closes."""
+    layer = make_layer({"x.bin": os.urandom(1000)})
+    config = make_config([layer])
+    manifest, _ = rogue_image([{"mediaType": DOCKER_LAYER_GZIP, "digest": layer.digest, "size": layer.size}], config)
+    running = stack(mode, workers=1, env={"UPSTREAM_DEADLINE": "3", "PREPARE_GRACE": "0"})
+    with RogueRegistry("evil/app", "v1", manifest, DOCKER_MANIFEST, {sha(config): config}) as rogue:
+        digest, data = (sha(config), config) if dripping == "config" else (layer.digest, layer.blob)
+        rogue.answers[rogue.blob_path(digest)] = Answer(200, {}, Drip(data, every=1.0))
         started = time.monotonic()
         result = get(image_url(running.url, rogue.host, "evil/app", "v1"))
         assert_json_error(result, 504, error="upstream_deadline", words=("UPSTREAM_DEADLINE=3s",))
         assert time.monotonic() - started < 8
-        drip = [s for s in rogue.served if "/blobs/" in s.path]
+        drip = [s for s in rogue.served if s.path.endswith(digest)]
         wait_for_sync(lambda: drip[0].closed_at is not None, 5)
     assert drip[0].closed_at - drip[0].started < 4.5, "the upstream connection closed at the deadline"
 
@@ -195,39 +200,58 @@ def wait_for_sync(predicate, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def test_a_preparation_nobody_waits_for_is_cancelled_and_closes_its_upstream_connection(tmp_path, monkeypatch):
-    """Embedded: the device hangs up while the config drips; the preparation goes on for ABANDONED_AFTER (a
-    retrying device would join it), then it is cancelled — long before UPSTREAM_DEADLINE."""
+def test_upstream_work_nobody_needs_stops_and_its_connections_close(tmp_path, monkeypatch):
+    """Embedded, a device that hangs up. While its tag is resolved (the config drips: the API reads it to check
+    the platform), the fetch stops at once. While its image is prepared (a layer drips), the preparation goes on
+    for ABANDONED_AFTER (a retrying device would join it), then it is cancelled — long before UPSTREAM_DEADLINE.
+    A pre-warmed preparation is never abandoned."""
     monkeypatch.setattr(embedded_preparer, "ABANDONED_AFTER", 0.5)
-    config = make_config([])
-    manifest, _ = rogue_image(config=config)
+    layer = make_layer({"slow.bin": os.urandom(2000)})
+    config = make_config([layer])
+    manifest, _ = rogue_image([{"mediaType": DOCKER_LAYER_GZIP, "digest": layer.digest, "size": layer.size}], config)
+    dripping_config = make_config([]) + b" "
+    other, _ = rogue_image(config=dripping_config)
 
-    async def scenario(rogue: RogueRegistry) -> float:
+    def closed_after(rogue: RogueRegistry, digest: str, since: float) -> float | None:
+        served = [s for s in rogue.served if s.path.endswith(digest) and s.started >= since]
+        return served[-1].closed_at - since if served and served[-1].closed_at else None
+
+    async def hang_up(app, path: str) -> float:
+        started = time.monotonic()
+        sent = await asyncio.wait_for(drive_asgi(app, path, disconnect_after=1.0), 10)
+        # The request stopped waiting at once (499: nobody is there to read it).
+        assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+        assert time.monotonic() - started < 2
+        return started
+
+    async def scenario(rogue: RogueRegistry) -> tuple[float, float]:
         env = embedded_env(tmp_path, UPSTREAM_DEADLINE="600", PREPARE_GRACE="0")
         async with app_in_process(env) as (app, client):
-            started = time.monotonic()
-            path = f"/registry/http/{rogue.host}/docker/{filename_for('evil/app', 'v1')}"
-            sent = await asyncio.wait_for(drive_asgi(app, path, disconnect_after=1.0), 10)
-            # The request stopped waiting at once (499: nobody is there to read it).
-            assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
-            assert time.monotonic() - started < 2
-            def drips() -> list:
-                return [s for s in rogue.served if "/blobs/" in s.path]
+            started = await hang_up(app, f"/registry/http/{rogue.host}/docker/{filename_for('evil/app', 'v2')}")
+            await wait_for(lambda: closed_after(rogue, sha(dripping_config), started), timeout=5)
+            resolving = closed_after(rogue, sha(dripping_config), started)
 
-            await wait_for(lambda: drips() and drips()[0].closed_at is not None, timeout=5)
-            drip = drips()
+            path = f"/registry/http/{rogue.host}/docker/{filename_for('evil/app', 'v1')}"
+            started = await hang_up(app, path)
+            await wait_for(lambda: closed_after(rogue, layer.digest, started), timeout=5)
             assert app.state.preparer.running == {}
-            closed_after = drip[0].closed_at - started
-            # A pre-warm is needed until it is done: it is never abandoned.
+            preparing = closed_after(rogue, layer.digest, started)
+
+            started = time.monotonic()
             assert (await client.post(path)).status_code == 202
             await asyncio.sleep(1.5)
-            assert list(app.state.preparer.running) and len(drips()) == 2 and drips()[1].closed_at is None
-            return closed_after
+            assert list(app.state.preparer.running) and closed_after(rogue, layer.digest, started) is None
+            return resolving, preparing
 
-    with RogueRegistry("evil/app", "v1", manifest, DOCKER_MANIFEST, {}) as rogue:
-        rogue.answers[rogue.blob_path(sha(config))] = Answer(200, {}, Drip(config, every=0.2))
-        closed_after = asyncio.run(scenario(rogue))
-    assert closed_after < 3.0, closed_after  # hung up at 1 s, cancelled 0.5 s later
+    with RogueRegistry("evil/app", "v1", manifest, DOCKER_MANIFEST, {sha(config): config}) as rogue:
+        rogue.answers[rogue.blob_path(layer.digest)] = Answer(200, {}, Drip(layer.blob, every=0.2))
+        rogue.answers[rogue.manifest_path("v2")] = Answer(200, {"Content-Type": DOCKER_MANIFEST,
+                                                               "Docker-Content-Digest": sha(other)}, other)
+        rogue.answers[rogue.manifest_path(sha(other))] = rogue.answers[rogue.manifest_path("v2")]
+        rogue.answers[rogue.blob_path(sha(dripping_config))] = Answer(200, {}, Drip(dripping_config, every=0.2))
+        resolving, preparing = asyncio.run(scenario(rogue))
+    assert resolving < 1.6, resolving  # hung up at 1 s: the fetch stopped with it
+    assert preparing < 2.5, preparing  # hung up at 1 s, cancelled 0.5 s later
 
 
 # --------------------------------------------------------------------------- SSRF: REGISTRY_ALLOWED_HOSTS
