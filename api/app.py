@@ -28,8 +28,8 @@ from docker_http_passthrough.shared.locks import RedisLocks
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import Store
 from docker_http_passthrough.shared.targets import target_from_settings
-from docker_http_passthrough.shared.upstream_http import registries_for
 from docker_http_passthrough.shared.telemetry import flush_tracing, setup_tracing
+from docker_http_passthrough.shared.upstream_http import registries_for
 
 log = logging.getLogger("docker_http_passthrough.api")
 

@@ -29,8 +29,8 @@ from docker_http_passthrough.shared.registry_auth import AuthCache
 from docker_http_passthrough.shared.settings import Settings, load_settings
 from docker_http_passthrough.shared.store import Store
 from docker_http_passthrough.shared.targets import Credentials, settings_auth
-from docker_http_passthrough.shared.upstream_http import registries_for
 from docker_http_passthrough.shared.telemetry import extract_context, flush_tracing, setup_tracing
+from docker_http_passthrough.shared.upstream_http import registries_for
 
 log = logging.getLogger("docker_http_passthrough.worker")
 
