@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from docker_http_passthrough.shared import manifest as mf
-from docker_http_passthrough.shared.errors import InvalidContent
+from docker_http_passthrough.shared.errors import InvalidContent, StoreFull
 from docker_http_passthrough.shared.eviction import evict, held_leases, record_use
 from docker_http_passthrough.shared.jobs import Progress, image_key, job_id_for
 from docker_http_passthrough.shared.layer_download import all_or_nothing, fetch_layer
@@ -34,6 +34,7 @@ class _Job:
     locks: Locks
     slots: asyncio.Semaphore
     progress: Progress
+    cache_max_bytes: int = 0
 
 
 async def prepare_image(client: RegistryClient, store: Store, manifest_digest: str, locks: Locks,
@@ -51,7 +52,7 @@ async def prepare_image(client: RegistryClient, store: Store, manifest_digest: s
             record = store.get_image(key)
             if record is not None:
                 return record
-            job = _Job(client, store, locks, asyncio.Semaphore(concurrency), progress or Progress())
+            job = _Job(client, store, locks, asyncio.Semaphore(concurrency), progress or Progress(), cache_max_bytes)
             return await _prepare(job, key, manifest_digest, cache_max_bytes)
     finally:
         JOBS_IN_FLIGHT.dec()
@@ -99,7 +100,7 @@ async def _layer(job: _Job, index: int, layer: mf.Descriptor, diff_id: str) -> i
                 async with job.locks.hold(f"blob-{layer.digest}"):
                     # Someone may have fetched it for this registry while we waited for the lock.
                     if not await reusable(client, store, layer, diff_id, prove=False):
-                        await fetch_layer(client, store, layer, diff_id, job.progress, index)
+                        await _fetch_making_room(job, index, layer, diff_id)
                         fetched = True
             if not fetched:
                 job.progress.bytes_done += layer.size  # already stored counts as done
@@ -108,3 +109,18 @@ async def _layer(job: _Job, index: int, layer: mf.Descriptor, diff_id: str) -> i
             span.set_attribute("dhp.cache.hit", not fetched)
             span.set_attribute("oci.layer.decompressed_size", size)
             return size
+
+
+async def _fetch_making_room(job: _Job, index: int, layer: mf.Descriptor, diff_id: str) -> None:
+    """fetch_layer; on a full volume with CACHE_MAX_BYTES set, evict least-recently-used layers (never this
+    image's: they are leased) to free what the failed write needed plus the blob's size, and try once more."""
+    done_before = job.progress.bytes_done
+    try:
+        await fetch_layer(job.client, job.store, layer, diff_id, job.progress, index)
+    except StoreFull as full:
+        wanted = full.written + layer.size
+        if not job.cache_max_bytes or not await asyncio.to_thread(evict, job.store, job.cache_max_bytes,
+                                                                  free=wanted):
+            raise
+        job.progress.bytes_done = done_before  # other layers may have moved it meanwhile: close enough
+        await fetch_layer(job.client, job.store, layer, diff_id, job.progress, index)

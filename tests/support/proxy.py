@@ -1,8 +1,9 @@
 """A counting, throttling, fault-injecting HTTP/1.1 reverse proxy for tests.
 
 Put it between the code under test and a real registry to see exactly which
-requests were made (``requests`` / ``count``) and to inject faults: corrupted
-bodies, slow bodies, error statuses and slow headers.
+requests were made (``requests`` / ``count``) and how many body bytes went out
+(``body_bytes``), and to inject faults: corrupted bodies, slow bodies, error
+statuses and slow headers.
 
 Bodies are streamed in chunks in both directions, so multi-GiB blobs are fine.
 """
@@ -89,6 +90,7 @@ class CountingProxy(ThreadedServer):
 
         self._lock = threading.Lock()
         self._requests: list[ProxyRecord] = []
+        self._body_bytes: dict[str, int] = {}  # path -> response body bytes sent downstream
         self.corrupt_path_contains: str | None = None
         self.throttle_bytes_per_second: float | None = None
         self.fail_status: dict[str, int] = {}
@@ -108,6 +110,7 @@ class CountingProxy(ThreadedServer):
         """Forget recorded requests and clear all fault injection."""
         with self._lock:
             self._requests.clear()
+            self._body_bytes.clear()
             self.corrupt_path_contains = None
             self.throttle_bytes_per_second = None
             self.fail_status = {}
@@ -129,6 +132,15 @@ class CountingProxy(ThreadedServer):
             and (path_contains is None or path_contains in record.path)
             and (status is None or record.status == status)
         )
+
+    def body_bytes(self, path_contains: str = "") -> int:
+        """Response body bytes sent so far for paths containing ``path_contains`` (all paths by default)."""
+        with self._lock:
+            return sum(sent for path, sent in self._body_bytes.items() if path_contains in path)
+
+    def _count_bytes(self, path: str, sent: int) -> None:
+        with self._lock:
+            self._body_bytes[path] = self._body_bytes.get(path, 0) + sent
 
     def _record(self, method: str, path: str, status: int) -> None:
         with self._lock:
@@ -284,12 +296,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             if has_body:
-                self._stream_body(response, rechunk, corrupt_at)
+                self._stream_body(response, rechunk, corrupt_at, path)
         except OSError as exc:
             raise _ClientGone() from exc
 
     def _stream_body(
-        self, response: http.client.HTTPResponse, rechunk: bool, corrupt_at: int | None
+        self, response: http.client.HTTPResponse, rechunk: bool, corrupt_at: int | None, path: str
     ) -> None:
         proxy = self.server.proxy
         sent = 0
@@ -318,6 +330,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             else:
                 self.wfile.write(data)
             sent += len(data)
+            proxy._count_bytes(path, len(data))
             if rate:
                 pace_sent += len(data)
                 wait = pace_start + pace_sent / rate - time.monotonic()
