@@ -192,6 +192,7 @@ class PreparationQueue:
                 spec = JobSpec(**job.kwargs)
                 trace, timeout = job.meta.get("trace") or {}, job.timeout
                 job.delete()
+                self.connection.expire(credentials_key(job_id), timeout + RESULT_TTL)  # sealed, if any: kept
                 self._enqueue(spec, None, trace, timeout, reruns=reruns + 1)
             return self.look(job_id)
 

@@ -15,7 +15,7 @@ from docker_http_passthrough.shared.settings import Settings
 
 # The first retry waits BACKOFF_BASE * 2 seconds, doubling up to BACKOFF_CAP.
 BACKOFF_BASE = 0.05
-BACKOFF_CAP = 1.0
+BACKOFF_CAP = 0.5
 # A connection attempt to an unreachable host gives up after this long (and is retried).
 CONNECT_TIMEOUT = 2.0
 

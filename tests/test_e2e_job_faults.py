@@ -17,6 +17,7 @@ import time
 import pytest
 import redis
 
+from docker_http_passthrough.shared.presence import SILENT_AFTER
 from tests.support.downloads import get, image_url
 from tests.support.faults import BackgroundGet, BackgroundStream, assert_complete_tar, assert_json_error, wait_until
 from tests.support.images import make_layer
@@ -105,7 +106,8 @@ def test_with_no_live_worker_a_cold_image_is_504_and_a_worker_started_later_prep
     result = get(url, timeout=60)
     took = time.monotonic() - started
     assert_json_error(result, 504, error="no_worker", words=("no preparation worker is running",))
-    assert took < 2 * 2 + 5, f"answered after {took:.1f}s"  # the dead worker counts as alive for up to 2 s
+    # A worker counts as running until it has been silent for SILENT_AFTER seconds.
+    assert took < SILENT_AFTER + 2 + 4, f"answered after {took:.1f}s"
 
     watch = redis.Redis.from_url(running.redis.url)
     try:

@@ -19,6 +19,7 @@ from rq.job import Job, JobStatus
 from docker_http_passthrough.shared.job_queue import MAX_RERUNS, START_GRACE, PreparationJob, PreparationQueue
 from docker_http_passthrough.shared.jobs import JOB_FUNCTION, LEGACY_JOB_FUNCTIONS, JobSpec
 from docker_http_passthrough.shared.jobs import credentials_key, heartbeat_key, outcome_key, progress_key
+from docker_http_passthrough.shared.presence import SILENT_AFTER
 from docker_http_passthrough.shared.store import Store
 from docker_http_passthrough.worker import jobs as worker_jobs
 from tests.support.images import make_layer
@@ -149,7 +150,13 @@ def test_live_workers_are_those_whose_heartbeat_is_recent(queue):
     time.sleep(0.4)
     assert queue.live_workers() == 1 and queue.presence.dead() == ["killed"]
 
+    # Silent for longer than SILENT_AFTER (it beats every second): not running, though not yet given up for dead.
+    queue.presence.beat("stalled", QUEUE, ttl=60)
+    queue.connection.pexpire("dhp:alive:stalled", int((60 - SILENT_AFTER - 1) * 1000))
+    assert queue.live_workers() == 1 and queue.presence.dead() == ["killed"]
+
     queue.bury("killed")
+    queue.presence.leave("stalled")
     assert queue.presence.dead() == []
     assert killed.key.encode() not in queue.connection.smembers("rq:workers")
     assert queue.connection.hexists(killed.key, "death") and queue.connection.ttl(killed.key) <= 60

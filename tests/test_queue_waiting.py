@@ -76,10 +76,21 @@ class Harness:
     async def ensure(self):
         return await self.preparer.ensure(SPEC, None, None)
 
-    async def fails(self, outcome: dict) -> PassthroughError:
-        """A request waits; the job reports `outcome` (a failure): what the request gets."""
+    async def waiting(self) -> asyncio.Future:
+        """A request that waits for SPEC's image (its job enqueued)."""
         waiter = asyncio.ensure_future(self.ensure())
         await asyncio.sleep(0.2)
+        return waiter
+
+    async def succeeds(self, waiter: asyncio.Future) -> None:
+        """The job stores the image and reports success: the waiter gets the image."""
+        record = self.prepared()
+        self.report({"ok": True})
+        assert await asyncio.wait_for(waiter, 5) == record
+
+    async def fails(self, outcome: dict) -> PassthroughError:
+        """A request waits; the job reports `outcome` (a failure): what the request gets."""
+        waiter = await self.waiting()
         self.report(outcome)
         with pytest.raises(PassthroughError) as info:
             await asyncio.wait_for(waiter, 5)
@@ -131,8 +142,7 @@ async def test_no_worker_gives_up_after_worker_lost_timeout(harness):
 @pytest.mark.anyio
 async def test_a_job_whose_worker_died_runs_again_while_its_waiters_wait(harness):
     live_worker(harness)
-    waiter = asyncio.ensure_future(harness.ensure())
-    await asyncio.sleep(0.2)
+    waiter = await harness.waiting()
     first_run = harness.job().meta["run"]
     harness.started(seconds_ago=START_GRACE + 1, beating=False)  # its worker died: no beat, no outcome
     await asyncio.sleep(CHECK_EVERY + 0.2)
@@ -142,16 +152,13 @@ async def test_a_job_whose_worker_died_runs_again_while_its_waiters_wait(harness
     assert rerun.kwargs == SPEC.as_kwargs()
     assert (await harness.preparer.state(SPEC.job_id)).state == "queued", "not failed: an early stream goes on"
     harness.started()
-    record = harness.prepared()
-    harness.report({"ok": True})
-    assert await asyncio.wait_for(waiter, 5) == record
+    await harness.succeeds(waiter)
 
 
 @pytest.mark.anyio
 async def test_a_job_whose_only_worker_died_fails_as_worker_lost_and_stays_queued(harness):
     live_worker(harness)
-    waiter = asyncio.ensure_future(harness.ensure())
-    await asyncio.sleep(0.2)
+    waiter = await harness.waiting()
     harness.sync.flushdb()  # only the job: the worker's presence expired with it
     await harness.preparer.start(SPEC, None, None)
     harness.started(seconds_ago=START_GRACE + 1, beating=False)
@@ -165,9 +172,7 @@ async def test_a_job_whose_only_worker_died_fails_as_worker_lost_and_stays_queue
     await asyncio.sleep(0.3)
     assert not retry.done()
     harness.started()
-    record = harness.prepared()
-    harness.report({"ok": True})
-    assert await asyncio.wait_for(retry, 5) == record
+    await harness.succeeds(retry)
 
 
 @pytest.mark.anyio
@@ -232,16 +237,13 @@ async def test_a_retry_right_after_a_failure_waits_for_a_new_job(harness):
     await asyncio.sleep(0.3)
     assert not retry.done()
     assert harness.job().get_status() == JobStatus.QUEUED
-    record = harness.prepared()
-    harness.report({"ok": True})
-    assert await asyncio.wait_for(retry, 5) == record
+    await harness.succeeds(retry)
 
 
 @pytest.mark.anyio
 async def test_redis_gone_for_longer_than_its_outage_timeout_is_503(harness):
     live_worker(harness)
-    waiter = asyncio.ensure_future(harness.ensure())
-    await asyncio.sleep(0.2)
+    waiter = await harness.waiting()
     harness.server.connected = False  # every call fails, as past the client's retries
     with pytest.raises(Unavailable) as info:
         await asyncio.wait_for(waiter, 5)
