@@ -297,7 +297,7 @@ class PreparationQueue:
         """The jobs RQ records as started by this worker."""
         registry = StartedJobRegistry(queue=self.queue, job_class=PreparationJob)
         ids = []
-        for job_id in registry.get_job_ids():
+        for job_id in registry.get_job_ids(cleanup=False):  # RQ's own cleanup stays in its maintenance
             job = self._fetch(job_id)
             if job is not None and job.worker_name == worker_name:
                 ids.append(job_id)
