@@ -24,7 +24,7 @@ from rq.job import JobStatus
 from docker_http_passthrough.api.outcome_watcher import OutcomeWatcher
 from docker_http_passthrough.api.preparation import JobState, wait_span
 from docker_http_passthrough.shared.errors import PassthroughError, PreparationFailed, TimedOut, Unavailable
-from docker_http_passthrough.shared.job_queue import KILLED, JobLook, PreparationQueue
+from docker_http_passthrough.shared.job_queue import KILLED, LOSS_CONFIRMED_AFTER, JobLook, PreparationQueue
 from docker_http_passthrough.shared.jobs import JobSpec, key_of_job, seal_credentials
 from docker_http_passthrough.shared.redis_clients import async_client, sync_client
 from docker_http_passthrough.shared.settings import Settings
@@ -60,6 +60,8 @@ class QueuePreparer:
         self.looks: dict[str, tuple[float, asyncio.Future]] = {}
         self.rq_threads = anyio.CapacityLimiter(RQ_THREADS)
         self.no_worker_since: float | None = None  # monotonic; None while some worker is alive
+        self.lost_since: dict[str, float] = {}  # job id → when this process first saw it lost (monotonic)
+        self.confirm_loss_after = LOSS_CONFIRMED_AFTER
 
     async def _rq(self, call: Callable[[], T]) -> T:
         # The client retries through a blip for about REDIS_OUTAGE_TIMEOUT; the bound here also covers the wait
@@ -68,6 +70,7 @@ class QueuePreparer:
             with anyio.fail_after(self.settings.redis_outage_timeout + OUTAGE_SLACK):
                 return await anyio.to_thread.run_sync(call, limiter=self.rq_threads, abandon_on_cancel=True)
         except (redis_sync.RedisError, TimeoutError) as exc:
+            self.lost_since.clear()  # what was seen before an outage proves nothing after it
             raise Unavailable(f"Redis did not answer for REDIS_OUTAGE_TIMEOUT={self.settings.redis_outage_timeout:g}s "
                               f"({type(exc).__name__})", code="redis_unavailable") from None
 
@@ -75,9 +78,14 @@ class QueuePreparer:
 
     async def _look(self, job_id: str) -> JobState:
         look = await self._rq(functools.partial(self.queue.look, job_id))
-        if look.lost:
+        if not look.lost:
+            self.lost_since.pop(job_id, None)
+        elif time.monotonic() - self.lost_since.setdefault(job_id, time.monotonic()) < self.confirm_loss_after:
+            return JobState("running")  # lost, or Redis just came back and its worker has not beaten yet
+        else:
             # Its worker died: run it again now (once, whoever asks), and keep waiting for the rerun — unless no
             # other worker is alive to run it (the dead one may not have expired yet: it does not count).
+            self.lost_since.pop(job_id, None)
             dead = look.worker
             look = await self._rq(functools.partial(self.queue.rerun_if_lost, job_id))
             if look.running_or_waiting and not await self._rq(functools.partial(self.queue.live_workers, dead)):

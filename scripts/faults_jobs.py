@@ -3,6 +3,8 @@ Redis restart and a Redis outage, a full store volume. Registered in faultlab.FA
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 
 import httpx
@@ -103,14 +105,25 @@ def redis_blip(lab: Lab) -> Figures:
     }, watch)
 
 
-@fault("redis-outage", "Redis stopped for good; a device asks for a cold image (default REDIS_OUTAGE_TIMEOUT)")
+@fault("redis-outage", "Redis down for 20 s (past REDIS_OUTAGE_TIMEOUT and WORKER_LOST_TIMEOUT, defaults): a "
+                       "device asks for a cold image meanwhile, another once Redis is back")
 def redis_outage(lab: Lab) -> Figures:
-    stack = lab.stack("two-tier", workers=1)
+    stack = lab.stack("two-tier", workers=2)
     filename = lab.image(1 << 20)
-    stack.redis.stop()
-    [answer] = copies(stack.server, filename, 1)
-    stack.workers[0].stop()
-    return after_stack(stack, {"answer to the device": f"{answer.status} after {answer.seconds:.1f} s"})
+    down: list[float] = []
+    outage = threading.Thread(target=lambda: down.append(stack.redis.restart(down_for=20)))
+    outage.start()
+    time.sleep(0.5)
+    [during] = copies(stack.server, filename, 1)
+    outage.join()
+    [after] = copies(stack.server, filename, 1)
+    watch = redis.Redis.from_url(stack.redis.url)
+    time.sleep(5)  # long enough for a survivor to bury a worker it wrongly took for dead
+    return after_stack(stack, {
+        "Redis did not answer for": f"{down[0]:.1f} s",
+        "the device during the outage": f"{during.status} after {during.seconds:.1f} s",
+        "a device once Redis is back": f"{after.status} in {after.seconds:.2f} s",
+    }, watch)
 
 
 def disk_full(lab: Lab, mode: str) -> Figures:

@@ -60,6 +60,9 @@ SETTLE_TIMEOUT = 5.0
 WORKER_TTL = 60
 # A job lost with its worker runs again this many times at most.
 MAX_RERUNS = 2
+# A loss is acted on only once its observer has seen it for this long while reaching Redis: after an outage
+# longer than WORKER_LOST_TIMEOUT every heartbeat has expired, and live workers need a moment to beat again.
+LOSS_CONFIRMED_AFTER = 3.0
 
 
 class PreparationJob(Job):
@@ -164,7 +167,8 @@ class PreparationQueue:
             if prepared():
                 return None
             look = self.look(job_id)
-            if look.running_or_waiting:
+            if look.running_or_waiting or look.lost:
+                # A lost job is joined too: it runs again once the loss is confirmed (rerun_if_lost).
                 return look.trace
             if look.status is not None:
                 # Failed, finished without output, or lost: RQ keeps such ids for a long time; replace it.
@@ -177,7 +181,8 @@ class PreparationQueue:
 
     def rerun_if_lost(self, job_id: str) -> JobLook:
         """Run a lost job again, with the same arguments, trace context and sealed credentials; the look after.
-        Only a job that is still lost is replaced, so any number of callers may ask at once."""
+        Only a job that is still lost is replaced, so any number of callers may ask at once. Callers confirm
+        the loss first (LOSS_CONFIRMED_AFTER)."""
         with self._enqueue_lock(job_id):
             look = self.look(job_id)
             job = self._fetch(job_id) if look.lost else None

@@ -17,6 +17,7 @@ import time
 import pytest
 import redis
 
+from docker_http_passthrough.shared.job_queue import LOSS_CONFIRMED_AFTER
 from docker_http_passthrough.shared.presence import SILENT_AFTER
 from tests.support.downloads import get, image_url
 from tests.support.faults import BackgroundGet, BackgroundStream, assert_complete_tar, assert_json_error, wait_until
@@ -41,10 +42,6 @@ def assert_nothing_left(running, watch: redis.Redis) -> None:
     assert wait_until(lambda: not leftovers(running.cache_dir, watch), timeout=5), leftovers(running.cache_dir, watch)
 
 
-def blob_gets(proxy, layer) -> int:
-    return proxy.count("GET", kind="blob", path_contains=layer.digest)
-
-
 def test_a_worker_killed_mid_job_reruns_on_the_live_worker_and_every_waiter_gets_the_archive(
         stack, registry, unique_repo):
     proxy = registry.proxy
@@ -56,7 +53,7 @@ def test_a_worker_killed_mid_job_reruns_on_the_live_worker_and_every_waiter_gets
     proxy.throttle_bytes_per_second = 150_000  # ~10 s for the big layer
     try:
         stream = BackgroundStream(url, timeout=90)  # headers after PREPARE_GRACE: an early-start stream
-        assert wait_until(lambda: blob_gets(proxy, big), timeout=20), "the big layer never started"
+        assert wait_until(lambda: proxy.body_bytes(big.digest) > 100_000, timeout=20), "the big layer never started"
         head = BackgroundGet(url, timeout=90, method="HEAD")  # a plain waiting request: HEAD never starts early
         job_id = running_job(watch)
         victim, dead = worker_of(watch, job_id, running.workers)
@@ -76,18 +73,20 @@ def test_a_worker_killed_mid_job_reruns_on_the_live_worker_and_every_waiter_gets
         assert_complete_tar(warm)
         assert stream.sha256.digest() == hashlib.sha256(warm.body).digest(), "the early stream's bytes are the archive"
 
-        # The rerun fetched only the layer in flight: the small layers once, the big one twice (the first time
-        # cut short by the kill; the early stream's 4-byte size probe aside).
-        assert (proxy.body_bytes(small_a.digest), proxy.body_bytes(small_b.digest)) == (small_a.size, small_b.size)
+        # The rerun fetched only the layer in flight: the small layers once, the big one twice, the first time
+        # cut short by the kill (the early stream's 4-byte size probes aside).
+        assert all(layer.size <= proxy.body_bytes(layer.digest) <= layer.size + 4 for layer in (small_a, small_b))
         assert big.size + 4 < proxy.body_bytes(big.digest) < 2 * big.size + 4
         # The survivor buried the dead worker: its files, its registration, our keys.
         assert wait_until(lambda: not files_of(running.cache_dir, dead) and dead not in rq_registered(watch),
-                          timeout=LOST + 5), (files_of(running.cache_dir, dead), rq_registered(watch))
+                          timeout=LOST + LOSS_CONFIRMED_AFTER + 5), (files_of(running.cache_dir, dead),
+                                                                       rq_registered(watch))
         assert_nothing_left(running, watch)
         assert not watch.sismember("dhp:workers", dead)
     finally:
         watch.close()
-    assert took <= LOST + 10, f"the archive came {took:.1f}s after the kill (WORKER_LOST_TIMEOUT={LOST})"
+    # Death noticed after WORKER_LOST_TIMEOUT, confirmed for LOSS_CONFIRMED_AFTER; then the layer in flight again.
+    assert took <= LOST + LOSS_CONFIRMED_AFTER + 10, f"the archive came {took:.1f}s after the kill"
 
 
 @pytest.mark.parametrize("how", ["killed", "never started"])
@@ -116,8 +115,8 @@ def test_with_no_live_worker_a_cold_image_is_504_and_a_worker_started_later_prep
         running.add_worker()
         # The queued job runs on the new worker by itself: no further request is needed.
         assert wait_until(lambda: get(f"{running.url}/status/{job_id}").json()["state"] == "done", timeout=30)
-        if how == "killed":
-            assert len(rq_registered(watch)) == 1, "the new worker removed the dead one from RQ's registry"
+        if how == "killed":  # the new worker buries the dead one (once it has seen it dead for a moment)
+            assert wait_until(lambda: len(rq_registered(watch)) == 1, timeout=10), rq_registered(watch)
         assert_nothing_left(running, watch)
     finally:
         watch.close()
@@ -147,7 +146,7 @@ def test_a_redis_restart_mid_job_costs_seconds_not_a_failure(stack, registry, un
         assert stream.status == 200 and stream.error is None, (stream.status, stream.error, running.logs()[-3000:])
         assert stream.received == int(stream.headers["content-length"])
         assert head.join(timeout=30).status == 200
-        assert proxy.body_bytes(big.digest) == big.size + 4, "one download (and the size probe): no failed job"
+        assert big.size <= proxy.body_bytes(big.digest) <= big.size + 4, "one download (and a size probe): no rerun"
         # Both workers are still registered and beating, and take new jobs.
         assert wait_until(lambda: len(rq_registered(watch)) == 2, timeout=5), rq_registered(watch)
         assert len(watch.smembers("dhp:workers")) == 2

@@ -22,6 +22,7 @@ from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import ImageRecord, PreparedLayer, Store
 from tests.support.images import sha
 
+CONFIRM = 0.5  # LOSS_CONFIRMED_AFTER, shortened
 SPEC = JobSpec({"api_url": "https://reg.example", "name": "reg.example", "token_url": None, "service": None,
                 "basic_only": False}, "team/app", "sha256:" + "cd" * 32, "anonymous")
 
@@ -43,6 +44,7 @@ class Harness:
         self.queue.look = counted
         self.preparer = QueuePreparer(self.settings, self.store, queue=self.queue,
                                       redis=fakeredis.FakeAsyncRedis(server=server))
+        self.preparer.confirm_loss_after = CONFIRM
 
     def job(self) -> Job:
         return Job.fetch(SPEC.job_id, connection=self.sync)
@@ -145,13 +147,28 @@ async def test_a_job_whose_worker_died_runs_again_while_its_waiters_wait(harness
     waiter = await harness.waiting()
     first_run = harness.job().meta["run"]
     harness.started(seconds_ago=START_GRACE + 1, beating=False)  # its worker died: no beat, no outcome
-    await asyncio.sleep(CHECK_EVERY + 0.2)
+    await asyncio.sleep(2 * CHECK_EVERY + CONFIRM)  # seen lost, then again after CONFIRM: run again
     assert not waiter.done(), "another worker is alive: the request keeps waiting for the rerun"
     rerun = harness.job()
     assert rerun.get_status() == JobStatus.QUEUED and rerun.meta["reruns"] == 1 and rerun.meta["run"] != first_run
     assert rerun.kwargs == SPEC.as_kwargs()
     assert (await harness.preparer.state(SPEC.job_id)).state == "queued", "not failed: an early stream goes on"
     harness.started()
+    await harness.succeeds(waiter)
+
+
+@pytest.mark.anyio
+async def test_a_job_that_looks_lost_only_briefly_is_not_run_again(harness):
+    """Redis back after an outage longer than WORKER_LOST_TIMEOUT: every heartbeat expired, and the live worker
+    beats again within a second — its job must not be run twice."""
+    live_worker(harness)
+    waiter = await harness.waiting()
+    first_run = harness.job().meta["run"]
+    harness.started(seconds_ago=START_GRACE + 1, beating=False)
+    await asyncio.sleep(CHECK_EVERY + 0.1)  # a look saw it lost
+    harness.sync.set(heartbeat_key(SPEC.job_id), "1")  # its worker beats again
+    await asyncio.sleep(2 * CHECK_EVERY)
+    assert harness.job().meta["run"] == first_run and harness.job().get_status() == JobStatus.STARTED
     await harness.succeeds(waiter)
 
 

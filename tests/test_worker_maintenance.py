@@ -24,6 +24,7 @@ from tests.support.images import sha
 SPEC = JobSpec({"api_url": "https://reg.example", "name": "reg.example", "token_url": None, "service": None,
                 "basic_only": False}, "team/app", "sha256:" + "ef" * 32, "anonymous")
 QUEUE = "q"
+CONFIRM = 0.2  # LOSS_CONFIRMED_AFTER, shortened
 
 
 @pytest.fixture
@@ -34,7 +35,15 @@ def fleet(tmp_path):
     survivor = queue.worker("survivor")
     maintenance = Maintenance(Settings(redis_url="redis://fake", worker_lost_timeout=60, queue_name=QUEUE),
                               queue, survivor, store)
+    maintenance.confirm_loss_after = CONFIRM
     return connection, queue, store, maintenance
+
+
+def steps(maintenance: Maintenance) -> None:
+    """Two maintenance steps, CONFIRM apart: what it takes to act on a death."""
+    maintenance.step()
+    time.sleep(CONFIRM)
+    maintenance.step()
 
 
 def started_by(queue: PreparationQueue, worker_name: str) -> None:
@@ -69,7 +78,7 @@ def test_a_survivor_buries_a_dead_worker_and_spares_a_live_writers_files(fleet):
     dead_files, live_files = writer_files(store, "dead"), writer_files(store, "remote")
     time.sleep(0.3)  # the dead worker's presence expires
 
-    maintenance.step()
+    steps(maintenance)
 
     rerun = Job.fetch(SPEC.job_id, connection=connection)
     assert rerun.get_status() == JobStatus.QUEUED and rerun.meta["reruns"] == 1
@@ -87,10 +96,25 @@ def test_a_dead_worker_whose_job_still_beats_is_buried_a_moment_later(fleet):
     connection, queue, store, maintenance = fleet
     queue.presence.beat("dead", QUEUE, ttl=0.2)
     started_by(queue, "dead")
-    connection.set(f"dhp:heartbeat:{SPEC.job_id}", "1", px=600)  # beats a little longer than its presence
+    connection.set(f"dhp:heartbeat:{SPEC.job_id}", "1", px=800)  # beats a little longer than its presence
     time.sleep(0.3)
-    maintenance.step()
+    steps(maintenance)
     assert queue.presence.dead() == ["dead"], "not buried while its job may still report"
     time.sleep(0.5)
     maintenance.step()
     assert queue.presence.dead() == [] and Job.fetch(SPEC.job_id, connection=connection).meta["reruns"] == 1
+
+
+def test_after_a_long_redis_outage_a_worker_that_beats_again_is_not_buried(fleet):
+    """Every presence expired while Redis was away; the live ones beat again within the confirmation time."""
+    connection, queue, store, maintenance = fleet
+    queue.presence.beat("other", QUEUE, ttl=60)
+    files = writer_files(store, "other")
+    connection.delete("dhp:alive:other")  # expired during the outage
+    maintenance.step()
+    assert queue.presence.dead() == ["other"]
+    queue.presence.beat("other", QUEUE, ttl=60)  # back, beating
+    time.sleep(CONFIRM)
+    maintenance.step()
+    assert queue.presence.dead() == [] and all(path.exists() for path in files)
+    assert queue.live_workers() == 2

@@ -5,18 +5,21 @@
 - bury the workers that died without leaving (SIGKILL, out of memory, a lost host), at once rather than at RQ's
   next maintenance (minutes later) or their own restart: run their lost jobs again (`rerun_if_lost`), remove
   their temp and lease files — found by the owner token in their names, so a live writer's files are never
-  touched — and their RQ registration. One survivor buries each dead worker (a short Redis lock).
+  touched — and their RQ registration. One survivor buries each dead worker (a short Redis lock), and only
+  once it has seen it dead for LOSS_CONFIRMED_AFTER seconds while itself reaching Redis: after an outage longer
+  than WORKER_LOST_TIMEOUT every presence has expired, and the live ones beat again within a second or two.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from rq import SimpleWorker
 
 from docker_http_passthrough.shared.eviction import remove_leases_of
-from docker_http_passthrough.shared.job_queue import PreparationQueue
+from docker_http_passthrough.shared.job_queue import LOSS_CONFIRMED_AFTER, PreparationQueue
 from docker_http_passthrough.shared.jobs import burial_key
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import Store
@@ -36,6 +39,9 @@ class Maintenance:
         self.store = store
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="dhp-maintenance", daemon=True)
+        self.confirm_loss_after = LOSS_CONFIRMED_AFTER
+        self.connected_since = time.monotonic()  # beating without a failure since
+        self.suspects: dict[str, float] = {}  # worker name → since when it has looked dead
 
     def start(self) -> None:
         self.step()  # present before the first job can be taken
@@ -54,6 +60,7 @@ class Maintenance:
             try:
                 self.step()
             except Exception:  # a Redis outage: keep trying; the job's own retries bound its wait
+                self.connected_since, self.suspects = time.monotonic(), {}
                 log.warning("worker maintenance failed; trying again", exc_info=True)
 
     def step(self) -> None:
@@ -61,8 +68,11 @@ class Maintenance:
         if self.queue.stay_registered(self.worker):
             log.warning("worker %s was missing from RQ's registry (Redis lost it?): registered again",
                         self.worker.name)
-        for name in self.queue.presence.dead():
-            if name != self.worker.name:
+        now = time.monotonic()
+        dead = [name for name in self.queue.presence.dead() if name != self.worker.name]
+        self.suspects = {name: self.suspects.get(name, now) for name in dead}
+        for name, since in self.suspects.items():
+            if now - max(since, self.connected_since) >= self.confirm_loss_after:
                 self.bury(name)
 
     def bury(self, name: str) -> None:
