@@ -29,11 +29,11 @@ def cold_run(lab: Lab, stack: Stack, during: Callable[[list[Layer]], None] | Non
     proxy.reset()
     proxy.throttle_bytes_per_second = THROTTLE
     try:
-        copies = in_background(lambda: copies(stack.server, filename, DEVICES))
+        pending = in_background(lambda: copies(stack.server, filename, DEVICES))
         if during is not None:
             wait_for(lambda: proxy.body_bytes(layers[-1].digest) > BIG // 2, timeout=120)
             during(layers)
-        result = copies()
+        result = pending()
     finally:
         proxy.throttle_bytes_per_second = None
     return result, proxy.body_bytes("/blobs/") - sum(layer.size for layer in layers)
