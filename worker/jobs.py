@@ -61,7 +61,6 @@ async def _prepare(settings: Settings, spec: JobSpec, credentials: Credentials |
     redis = async_client(settings)
     locks = RedisLocks(redis, ttl=min(LOCK_TTL, settings.worker_lost_timeout))
     try:
-        locks = RedisLocks(redis)
         async with Registries(new_http_client(settings), WORKER_AUTH, settings.foreign_layer_hosts,
                               locks) as registries:
             client = RegistryClient(registries, spec.registry, spec.repository, credentials, token)
