@@ -81,10 +81,12 @@ def only_worker_killed(lab: Lab) -> Figures:
     done = wait_for(lambda: httpx.get(f"{stack.url}/status/{job_id}", trust_env=False).json().get("state") == "done",
                     timeout=60)
     [served] = copies(stack.server, filename, 1)
+    buried = wait_for(lambda: len(rq_registered(watch)) == 1, timeout=30)
     return after_stack(stack, {
         "answer to the device": f"{answer.status} after {answer.seconds:.1f} s",
         "queued job done after a worker started": f"{done:.1f} s" if done is not None else "not within 60 s",
         "the next request": f"{served.status} in {served.seconds:.2f} s",
+        "the dead worker out of RQ's registry": "yes" if buried is not None else "no",
     }, watch)
 
 
