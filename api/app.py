@@ -25,6 +25,7 @@ from docker_http_passthrough.api.page import index, info
 from docker_http_passthrough.api.queue_preparer import QueuePreparer
 from docker_http_passthrough.api.resolution import ErrorCache
 from docker_http_passthrough.shared.locks import RedisLocks
+from docker_http_passthrough.shared.redis_clients import async_client
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import Store
 from docker_http_passthrough.shared.targets import target_from_settings
@@ -76,7 +77,7 @@ def create_app(settings: Settings) -> Starlette:
         if swept:
             log.info("removed %d partial files left by crashed writers", swept)
         # Two-tier: API replicas and workers fetch each small blob once between them (a Redis lock per blob).
-        lock_redis = aioredis.Redis.from_url(settings.redis_url) if settings.two_tier else None
+        lock_redis = async_client(settings) if settings.two_tier else None
         blob_locks = RedisLocks(lock_redis) if lock_redis is not None else None
         async with registries_for(settings, blob_locks=blob_locks) as registries:
             app.state.settings = settings

@@ -83,6 +83,14 @@ class LimitExceeded(PassthroughError, status=502, code="limit_exceeded"):
     """The registry sent more than a limit allows (size, layers, redirects, time); the message names the setting."""
 
 
+class StoreFull(PassthroughError, status=507, code="store_full"):
+    """No space left on the store's volume (CACHE_DIR)."""
+
+    def __init__(self, message: str, *, written: int = 0, **kwargs):
+        super().__init__(message, **kwargs)
+        self.written = written  # bytes the failed write had put down: at least this much room is wanted
+
+
 class PreparationFailed(PassthroughError, status=502, code="preparation_failed"):
     """A preparation that ended without saying why in our terms (an unexpected exception, a killed job)."""
 

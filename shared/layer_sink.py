@@ -45,6 +45,11 @@ class TarBudget:
             if self.left < 0:
                 raise LimitExceeded(f"the image unpacks to more than IMAGE_MAX_BYTES={self.limit} bytes")
 
+    def refund(self, size: int) -> None:
+        """Give back what a failed write took, before it is written again."""
+        with self.lock:
+            self.left = min(self.limit, self.left + size)
+
 
 class LayerSink:
     """Hashes the blob as sent, inflates it if needed, hashes and writes the tar. Runs in a worker thread.

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from docker_http_passthrough.shared import manifest as mf
-from docker_http_passthrough.shared.errors import InvalidContent
+from docker_http_passthrough.shared.errors import InvalidContent, StoreFull
 from docker_http_passthrough.shared.eviction import evict, held_leases, record_use
 from docker_http_passthrough.shared.jobs import Progress, image_key, job_id_for
 from docker_http_passthrough.shared.layer_download import all_or_nothing, fetch_layer
@@ -36,6 +36,7 @@ class _Job:
     slots: asyncio.Semaphore
     progress: Progress
     budget: TarBudget  # unpacked bytes the image may still take
+    cache_max_bytes: int = 0
 
 
 async def prepare_image(client: RegistryClient, store: Store, manifest_digest: str, locks: Locks,
@@ -54,7 +55,7 @@ async def prepare_image(client: RegistryClient, store: Store, manifest_digest: s
             if record is not None:
                 return record
             job = _Job(client, store, locks, asyncio.Semaphore(concurrency), progress or Progress(),
-                       TarBudget(client.settings.image_max_bytes))
+                       TarBudget(client.settings.image_max_bytes), cache_max_bytes)
             return await _prepare(job, key, manifest_digest, cache_max_bytes)
     finally:
         JOBS_IN_FLIGHT.dec()
@@ -103,7 +104,7 @@ async def _layer(job: _Job, index: int, layer: mf.Descriptor, diff_id: str) -> i
                 async with job.locks.hold(f"blob-{layer.digest}"):
                     # Someone may have fetched it for this registry while we waited for the lock.
                     if not await reusable(client, store, layer, diff_id, prove=False):
-                        await fetch_layer(client, store, layer, diff_id, job.progress, index, job.budget)
+                        await _fetch_making_room(job, index, layer, diff_id)
                         fetched = True
             if not fetched:
                 job.progress.bytes_done += layer.size  # already stored counts as done
@@ -112,3 +113,19 @@ async def _layer(job: _Job, index: int, layer: mf.Descriptor, diff_id: str) -> i
             span.set_attribute("dhp.cache.hit", not fetched)
             span.set_attribute("oci.layer.decompressed_size", size)
             return size
+
+
+async def _fetch_making_room(job: _Job, index: int, layer: mf.Descriptor, diff_id: str) -> None:
+    """fetch_layer; on a full volume with CACHE_MAX_BYTES set, evict least-recently-used layers (never this
+    image's: they are leased) to free what the failed write needed plus the blob's size, and try once more."""
+    done_before = job.progress.bytes_done
+    try:
+        await fetch_layer(job.client, job.store, layer, diff_id, job.progress, index, job.budget)
+    except StoreFull as full:
+        wanted = full.written + layer.size
+        if not job.cache_max_bytes or not await asyncio.to_thread(evict, job.store, job.cache_max_bytes,
+                                                                  free=wanted):
+            raise
+        job.progress.bytes_done = done_before  # other layers may have moved it meanwhile: close enough
+        job.budget.refund(full.written)  # the failed write took from the budget
+        await fetch_layer(job.client, job.store, layer, diff_id, job.progress, index, job.budget)

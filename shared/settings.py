@@ -43,8 +43,11 @@ class Settings:
     job_timeout: int = 4 * 3600
     # How long a request waits for its preparation job before answering 504.
     prepare_timeout: float = 3600.0
-    # A running job whose heartbeat is older than this, or a queued job with no worker alive, is given up.
-    worker_lost_timeout: float = 60.0
+    # A worker whose heartbeat is older than this is dead: its job runs again on a live worker, its leftovers are
+    # removed; with no live worker for this long, a waiting request gets 504.
+    worker_lost_timeout: float = 15.0
+    # Redis calls retry (with backoff) for about this long before a request gets 503; shorter blips cost time only.
+    redis_outage_timeout: float = 10.0
     upstream_timeout: float = 30.0
     layer_concurrency: int = 3
     # Remember a failed resolution (404, refused credentials) this long; 0 turns it off.
@@ -302,7 +305,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         platform=platform,
         job_timeout=int(_number(env, "JOB_TIMEOUT", 4 * 3600, kind=int)),
         prepare_timeout=_number(env, "PREPARE_TIMEOUT", 3600.0),
-        worker_lost_timeout=_number(env, "WORKER_LOST_TIMEOUT", 60.0),
+        worker_lost_timeout=_number(env, "WORKER_LOST_TIMEOUT", 15.0),
+        redis_outage_timeout=_number(env, "REDIS_OUTAGE_TIMEOUT", 10.0),
         upstream_timeout=_number(env, "UPSTREAM_TIMEOUT", 30.0),
         layer_concurrency=int(_number(env, "LAYER_CONCURRENCY", 3, kind=int)),
         error_cache_seconds=_number(env, "ERROR_CACHE_SECONDS", 10.0, zero_ok=True),

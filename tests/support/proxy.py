@@ -1,8 +1,9 @@
 """A counting, throttling, fault-injecting HTTP/1.1 reverse proxy for tests.
 
 Put it between the code under test and a real registry to see exactly which
-requests were made (``requests`` / ``count``) and to inject faults: corrupted
-bodies, slow bodies, error statuses and slow headers.
+requests were made (``requests`` / ``count``) and how many body bytes went out
+(``body_bytes``), and to inject faults: corrupted bodies, slow bodies, error
+statuses and slow headers.
 
 Bodies are streamed in chunks in both directions, so multi-GiB blobs are fine.
 """
@@ -96,13 +97,13 @@ class CountingProxy(ThreadedServer):
 
         self._lock = threading.Lock()
         self._requests: list[ProxyRecord] = []
+        self._body_bytes: dict[str, int] = {}  # path -> response body bytes sent downstream
         self.corrupt_path_contains: str | None = None
         self.throttle_bytes_per_second: float | None = None
         self.fail_status: dict[str, int] = {}
         self.delay_seconds_before_headers: float = 0.0
         self._cuts: list[list] = []  # [path substring, after bytes, times left]
         self._fails: list[list] = []  # [path substring, status, times left, headers]
-        self._body_bytes: dict[str, int] = {}  # path -> body bytes sent
 
         super().__init__(_ProxyHandler, "CountingProxy", proxy=self)
 
@@ -113,10 +114,6 @@ class CountingProxy(ThreadedServer):
     def fail(self, path_contains: str, status: int, times: int = 1, headers: dict[str, str] | None = None) -> None:
         with self._lock:
             self._fails.append([path_contains, status, times, dict(headers or {})])
-
-    def body_bytes(self, path_contains: str = "") -> int:
-        with self._lock:
-            return sum(n for path, n in self._body_bytes.items() if path_contains in path)
 
     def _take(self, faults: list[list], path: str) -> list | None:
         """The first fault matching ``path`` with uses left, one use taken."""
@@ -143,13 +140,13 @@ class CountingProxy(ThreadedServer):
         """Forget recorded requests and clear all fault injection."""
         with self._lock:
             self._requests.clear()
+            self._body_bytes.clear()
             self.corrupt_path_contains = None
             self.throttle_bytes_per_second = None
             self.fail_status = {}
             self.delay_seconds_before_headers = 0.0
             self._cuts.clear()
             self._fails.clear()
-            self._body_bytes.clear()
 
     def count(self, method: str | None = None, kind: Kind | None = None, path_contains: str | None = None,
               status: int | None = None) -> int:
@@ -159,6 +156,11 @@ class CountingProxy(ThreadedServer):
                    and (kind is None or kind_of(record.path) == kind)
                    and (path_contains is None or path_contains in record.path)
                    and (status is None or record.status == status))
+
+    def body_bytes(self, path_contains: str = "") -> int:
+        """Response body bytes sent so far for paths containing ``path_contains`` (all paths by default)."""
+        with self._lock:
+            return sum(sent for path, sent in self._body_bytes.items() if path_contains in path)
 
     def _record(self, method: str, path: str, status: int) -> None:
         with self._lock:
