@@ -25,11 +25,12 @@ from docker_http_passthrough.api.page import index, info
 from docker_http_passthrough.api.queue_preparer import QueuePreparer
 from docker_http_passthrough.api.resolution import ErrorCache
 from docker_http_passthrough.shared.locks import RedisLocks
-from docker_http_passthrough.shared.registry import Registries, new_http_client
+from docker_http_passthrough.shared.redis_clients import async_client
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import Store
 from docker_http_passthrough.shared.targets import target_from_settings
 from docker_http_passthrough.shared.telemetry import flush_tracing, setup_tracing
+from docker_http_passthrough.shared.upstream_http import registries_for
 
 log = logging.getLogger("docker_http_passthrough.api")
 
@@ -76,10 +77,9 @@ def create_app(settings: Settings) -> Starlette:
         if swept:
             log.info("removed %d partial files left by crashed writers", swept)
         # Two-tier: API replicas and workers fetch each small blob once between them (a Redis lock per blob).
-        lock_redis = aioredis.Redis.from_url(settings.redis_url) if settings.two_tier else None
+        lock_redis = async_client(settings) if settings.two_tier else None
         blob_locks = RedisLocks(lock_redis) if lock_redis is not None else None
-        async with Registries(new_http_client(settings), foreign_layer_hosts=settings.foreign_layer_hosts,
-                              blob_locks=blob_locks) as registries:
+        async with registries_for(settings, blob_locks=blob_locks) as registries:
             app.state.settings = settings
             app.state.store = store
             app.state.registries = registries

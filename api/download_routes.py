@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from docker_http_passthrough.api.archive_headers import archive_headers
 from docker_http_passthrough.api.archive_stream import stream_archive
 from docker_http_passthrough.api.client_auth import CHALLENGE
+from docker_http_passthrough.api.client_presence import ClientLeft, unless_client_leaves
 from docker_http_passthrough.api.early_gate import EarlyGate
 from docker_http_passthrough.api.early_stream import plan_before_ready
 from docker_http_passthrough.api.preparation import PreparationWatch
@@ -78,7 +79,7 @@ async def download(request: Request) -> Response:
         wanted = parse_image_request(request)
         attributes.update(image_attributes(request, wanted))
         _note(request, image=f"{wanted.target.name}/{wanted.image}", platform=str(wanted.platform))
-        resolution = await resolve(request, wanted)
+        resolution = await unless_client_leaves(request, resolve(request, wanted))
         name = repo_tag(wanted.image, registry_host=wanted.target.repo_tag_host)
         record = state.store.get_image(resolution.key)
         cached = record is not None
@@ -88,14 +89,19 @@ async def download(request: Request) -> Response:
         if record is None:
             await state.cold_images.admit(resolution.key, state.store, state.preparer)
         if record is None and _may_start_early(request):
-            early = await _early_response(request, wanted, resolution, name)
+            early = await unless_client_leaves(request, _early_response(request, wanted, resolution, name))
             if early is not None:
                 return early
         if record is None:
-            record = await state.preparer.ensure(_spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
+            record = await unless_client_leaves(request, state.preparer.ensure(
+                _spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token))
         attributes["container.image.id"] = record.config_digest
         plan = plan_archive(state.store.get_blob(record.config_digest), record.config_digest,
                             state.store.layer_files(record), name)
+    except ClientLeft:
+        log.info("download %s: the client hung up while its image was prepared", request.url.path)
+        _note(request, error="client_left")
+        return Response(status_code=499)  # never sent: nobody is there to read it
     except PassthroughError as exc:
         log.info("download %s failed: %s %s", request.url.path, exc.status, exc.message)
         _note(request, error=exc.code)
@@ -161,6 +167,7 @@ async def prewarm(request: Request) -> Response:
         else:
             await state.cold_images.admit(resolution.key, state.store, state.preparer)
             job_id = await state.preparer.start(_spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
+            state.preparer.hold(job_id)  # a pre-warm is needed until it is done: never released
             status, body = 202, (await state.preparer.status(job_id)) or {"state": "queued"}
     except PassthroughError as exc:
         return refusal_response(exc, wanted, _may_challenge(request))

@@ -10,6 +10,8 @@ class is not used.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from docker_http_passthrough.api.embedded_preparer import EmbeddedPreparer
 from docker_http_passthrough.api.preparation import JobState
 from docker_http_passthrough.api.queue_preparer import QueuePreparer
@@ -43,6 +45,9 @@ class KeylessPreparer:
 
     async def ensure(self, spec: JobSpec, credentials: Credentials | None, token: str | None) -> ImageRecord:
         return await self._for(spec).ensure(spec, credentials, token)
+
+    def hold(self, job_id: str) -> Callable[[], None]:
+        return (self.in_process if self._here(job_id) else self.to_workers).hold(job_id)
 
     async def state(self, job_id: str) -> JobState:
         return await (self.in_process if self._here(job_id) else self.to_workers).state(job_id)

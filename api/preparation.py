@@ -1,7 +1,8 @@
 """Getting an image prepared: one preparation per image, shared by every request that asks for it.
 
 Two preparers answer the same calls — `start` (make sure it runs), `ensure` (wait for the prepared image),
-`state` (one look, shared by all who wait on the job), `status` (for the status route), `close`:
+`hold` (keep it running while a stream needs it; returns the release), `state` (one look, shared by all who wait
+on the job), `status` (for the status route), `close`:
 - `QueuePreparer` (two-tier, `queue_preparer`): an RQ job per image key, run by the workers;
 - `EmbeddedPreparer` (`embedded_preparer`): the same preparation as an asyncio task in the API process.
 This module holds what both share (and `PreparationWatch`, a request's hold on its preparation while its

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -220,8 +221,9 @@ async def resolve_platform_digest(client: RegistryClient, store: Store, referenc
         index = await manifest_bytes(client, store, head.digest)
         return mf.select_platform(index, platform).digest
     manifest = mf.parse_image_manifest(await manifest_bytes(client, store, head.digest))
-    config = stored_blob(client, store, manifest.config.digest) or await config_bytes(client, store,
-                                                                                      manifest.config.digest)
+    mf.check_limits(manifest, client.settings.image_max_layers, client.settings.image_max_bytes)
+    config = stored_blob(client, store, manifest.config.digest) or await config_bytes(
+        client, store, manifest.config.digest, manifest.config.size)
     mf.check_config_platform(config, platform)
     return head.digest
 
@@ -244,7 +246,9 @@ async def _resolve(request: Request, wanted: ImageRequest) -> Resolution:
     if remembered is not None:
         trace.get_current_span().set_attribute("dhp.error_cache.hit", True)
         raise remembered
-    client = RegistryClient(state.registries, target, image.repository, auth.credentials, auth.token)
+    # Retries and Retry-After waits included, the resolution ends by RESOLVE_TIMEOUT: the device waits for headers.
+    until = asyncio.get_running_loop().time() + settings.resolve_timeout
+    client = RegistryClient(state.registries, target, image.repository, auth.credentials, auth.token, until=until)
     try:
         digest = await resolve_platform_digest(client, state.store, image.reference, wanted.platform)
     except REMEMBERED_ERRORS as exc:

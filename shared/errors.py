@@ -74,6 +74,23 @@ class Unavailable(PassthroughError, status=503, code="unavailable"):
     """A part of this service is missing: Redis, CREDENTIALS_KEY, a volume shared with the workers."""
 
 
+class NotAllowed(PassthroughError, status=403, code="registry_not_allowed"):
+    """A host this server may not connect to for a client (REGISTRY_ALLOWED_HOSTS): a registry named in the
+    URL, or a redirect or token realm it names."""
+
+
+class LimitExceeded(PassthroughError, status=502, code="limit_exceeded"):
+    """The registry sent more than a limit allows (size, layers, redirects, time); the message names the setting."""
+
+
+class StoreFull(PassthroughError, status=507, code="store_full"):
+    """No space left on the store's volume (CACHE_DIR)."""
+
+    def __init__(self, message: str, *, written: int = 0, **kwargs):
+        super().__init__(message, **kwargs)
+        self.written = written  # bytes the failed write had put down: at least this much room is wanted
+
+
 class PreparationFailed(PassthroughError, status=502, code="preparation_failed"):
     """A preparation that ended without saying why in our terms (an unexpected exception, a killed job)."""
 

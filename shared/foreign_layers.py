@@ -3,8 +3,9 @@ the URLs their descriptor lists, when `ALLOW_FOREIGN_LAYERS` allows it.
 
 A manifest is the registry's word, and a hostile registry could list any URL (a cloud metadata address, a host
 inside the network). So a URL is used only when its host is allowed (`Settings.foreign_layer_hosts`: a list of
-hosts, or "*" for any) — at every redirect too — and it goes through the process's one HTTP client, where the
-outbound policy for registries applies as well. No credentials are ever sent to these URLs, and the bytes are
+hosts, or "*" for any) — at every redirect too — and it goes through the process's guarded HTTP client, which
+checks every connection against REGISTRY_ALLOWED_HOSTS after DNS (see upstream_http) as for a registry a client
+names. No credentials are ever sent to these URLs, and the bytes are
 verified against the descriptor's digest (and the config's diff_id) like any registry blob.
 """
 
@@ -15,7 +16,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from docker_http_passthrough.shared import manifest as mf
-from docker_http_passthrough.shared.errors import PassthroughError, Unsupported
+from docker_http_passthrough.shared.errors import NotAllowed, PassthroughError, Unsupported
 from docker_http_passthrough.shared.metrics import UPSTREAM
 
 MAX_REDIRECTS = 5
@@ -57,6 +58,8 @@ async def _open(http: httpx.AsyncClient, url: str, allowed: tuple[str, ...]) -> 
         except httpx.HTTPError as exc:
             UPSTREAM.labels("foreign_blob_get", "error").inc()
             return f"unreachable ({type(exc).__name__})"
+        except NotAllowed as exc:  # the guarded client's address check (REGISTRY_ALLOWED_HOSTS)
+            return exc.message
         UPSTREAM.labels("foreign_blob_get", str(response.status_code)).inc()
         if response.is_redirect and "location" in response.headers:
             await response.aclose()

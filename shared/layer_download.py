@@ -1,6 +1,7 @@
 """Downloading one layer: network reads overlap hashing and inflating, and nothing is stored unless both the
-blob digest and the diff_id verify. While it inflates, how far it got is published (`growing_layer`), so cold
-downloads stream the layer's bytes as they come."""
+blob digest and the diff_id verify. A cut connection resumes where it stopped (`RegistryClient.blob_stream`):
+the sink just goes on with the next bytes, and the digest covers the whole blob. While it inflates, how far it
+got is published (`growing_layer`), so cold downloads stream the layer's bytes as they come."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from docker_http_passthrough.shared.errors import InvalidContent, NotFound
 from docker_http_passthrough.shared.foreign_layers import foreign_layer_error, open_foreign
 from docker_http_passthrough.shared.growing_layer import GrowingLayer
 from docker_http_passthrough.shared.jobs import Progress
-from docker_http_passthrough.shared.layer_sink import LayerSink
+from docker_http_passthrough.shared.layer_sink import LayerSink, TarBudget
 from docker_http_passthrough.shared.metrics import UPSTREAM_BYTES
 from docker_http_passthrough.shared.registry import RegistryClient
 from docker_http_passthrough.shared.store import Store
@@ -43,7 +44,7 @@ async def all_or_nothing(*coroutines):
         raise
 
 
-async def _pipeline(response, layer: mf.Descriptor, sink: LayerSink, progress: Progress | None,
+async def _pipeline(chunks: AsyncIterator[bytes], sink: LayerSink, progress: Progress | None,
                     growing: GrowingLayer) -> None:
     """Network reads and hashing/inflating/writing overlap: one task receives, a thread works on what came
     before (at most PIPELINE_DEPTH pieces wait in between, so memory stays bounded)."""
@@ -51,13 +52,10 @@ async def _pipeline(response, layer: mf.Descriptor, sink: LayerSink, progress: P
 
     async def receive() -> None:
         pending: list[bytes] = []
-        pending_size = received = 0
+        pending_size = 0
         loop = asyncio.get_running_loop()
         handed = loop.time()
-        async for chunk in response.aiter_raw():
-            received += len(chunk)
-            if received > layer.size:
-                raise InvalidContent(f"layer {layer.digest} is longer than the {layer.size} bytes its manifest says")
+        async for chunk in chunks:
             pending.append(chunk)
             pending_size += len(chunk)
             if pending_size >= FEED_SIZE or loop.time() - handed >= FEED_EVERY:
@@ -81,25 +79,37 @@ async def _pipeline(response, layer: mf.Descriptor, sink: LayerSink, progress: P
     await all_or_nothing(receive(), work())
 
 
+async def _sized(response: httpx.Response, layer: mf.Descriptor) -> AsyncIterator[bytes]:
+    """A foreign layer's bytes as sent, never more than its descriptor says."""
+    received = 0
+    async for chunk in response.aiter_raw():
+        UPSTREAM_BYTES.inc(len(chunk))
+        received += len(chunk)
+        if received > layer.size:
+            raise InvalidContent(f"layer {layer.digest} is longer than the {layer.size} bytes its manifest says")
+        yield chunk
+
+
 @asynccontextmanager
-async def _layer_blob(client: RegistryClient, layer: mf.Descriptor) -> AsyncIterator[httpx.Response]:
+async def _layer_chunks(client: RegistryClient, layer: mf.Descriptor) -> AsyncIterator[AsyncIterator[bytes]]:
     """The layer's bytes: a foreign layer from its descriptor's URLs when ALLOW_FOREIGN_LAYERS allows them (the
-    registry if none answers), any other layer from the registry. A foreign layer the registry does not serve
-    either is an error that names it and says what would fetch it."""
-    foreign, problems = await open_foreign(client.http, layer, client.foreign_layer_hosts)
-    if foreign is not None:
-        try:
-            yield foreign
-        finally:
-            await foreign.aclose()
-        return
-    opened = False
+    registry if none answers), any other layer from the registry (resumed after cuts). A foreign layer the
+    registry does not serve either is an error that names it and says what would fetch it. Foreign URLs go
+    through the guarded client (REGISTRY_ALLOWED_HOSTS, after DNS) and within the transfer's deadline; they are
+    not resumed."""
+    async with client.transfer(f"the layer {layer.digest}", layer.size):
+        foreign, problems = await open_foreign(client.registries.guarded, layer, client.foreign_layer_hosts)
+        if foreign is not None:
+            try:
+                yield _sized(foreign, layer)
+            finally:
+                await foreign.aclose()
+            return
     try:
-        async with client.blob(layer.digest) as response:
-            opened = True
-            yield response
+        async with client.blob_stream(layer.digest, layer.size) as chunks:
+            yield chunks
     except NotFound:
-        if opened or not layer.foreign:
+        if not layer.foreign:
             raise
         raise foreign_layer_error(layer, client.foreign_layer_hosts, problems) from None
 
@@ -108,8 +118,8 @@ async def _inflate(client: RegistryClient, layer: mf.Descriptor, sink: LayerSink
                    growing: GrowingLayer) -> None:
     publisher = asyncio.create_task(growing.keep_publishing())
     try:
-        async with _layer_blob(client, layer) as response:
-            await _pipeline(response, layer, sink, progress, growing)
+        async with _layer_chunks(client, layer) as chunks:
+            await _pipeline(chunks, sink, progress, growing)
         await asyncio.to_thread(sink.finish)
     finally:
         publisher.cancel()
@@ -132,8 +142,9 @@ def _record(store: Store, registry: str, repository: str, digest: str, diff_id: 
 
 
 async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor, diff_id: str,
-                      progress: Progress | None = None, index: int = 0) -> int:
-    """Download, verify and inflate one layer into the store; returns the tar's size."""
+                      progress: Progress | None = None, index: int = 0, budget: TarBudget | None = None) -> int:
+    """Download, verify and inflate one layer into the store; returns the tar's size. `budget`: the unpacked
+    bytes the whole image may still take (IMAGE_MAX_BYTES), shared by its layers."""
     registry, repository = client.target.api_url, client.repository
     growing = None
     try:
@@ -141,7 +152,7 @@ async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor
                 "oci.layer.index": index, "oci.layer.digest": layer.digest}) as span, \
                 store.atomic_writer(store.layer_path(diff_id)) as out:
             growing = GrowingLayer(store, registry, repository, layer.digest, diff_id, out)
-            sink = LayerSink(out, mf.compression_of(layer))
+            sink = LayerSink(out, mf.compression_of(layer), budget or TarBudget(client.settings.image_max_bytes))
             await _inflate(client, layer, sink, progress, growing)
             _verify(sink, layer, diff_id)
             span.set_attribute("oci.layer.decompressed_size", sink.tar_size)
@@ -151,5 +162,4 @@ async def fetch_layer(client: RegistryClient, store: Store, layer: mf.Descriptor
     finally:
         if growing is not None:
             growing.close()  # only now: a stream looking for the layer finds the record or the verified layer
-    UPSTREAM_BYTES.inc(sink.blob_size)
     return sink.tar_size

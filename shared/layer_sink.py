@@ -8,7 +8,10 @@ was cut into pieces.
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import BinaryIO
+
+from docker_http_passthrough.shared.errors import LimitExceeded
 
 try:  # isal inflates ~1.7x faster than stdlib zlib, same interface
     from isal import isal_zlib as zlib_impl
@@ -27,6 +30,27 @@ TAIL_SIZE = 32
 INFLATE_STEP = 4 << 20
 
 
+class TarBudget:
+    """The unpacked bytes an image may still take (IMAGE_MAX_BYTES), shared by its layers' sinks (threads): a
+    gzip or zstd bomb stops within one inflate step of the limit instead of filling the disk."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.left = limit
+        self.lock = threading.Lock()
+
+    def take(self, size: int) -> None:
+        with self.lock:
+            self.left -= size
+            if self.left < 0:
+                raise LimitExceeded(f"the image unpacks to more than IMAGE_MAX_BYTES={self.limit} bytes")
+
+    def refund(self, size: int) -> None:
+        """Give back what a failed write took, before it is written again."""
+        with self.lock:
+            self.left = min(self.limit, self.left + size)
+
+
 class LayerSink:
     """Hashes the blob as sent, inflates it if needed, hashes and writes the tar. Runs in a worker thread.
 
@@ -34,11 +58,12 @@ class LayerSink:
     the error can say whether the registry sent the wrong bytes (digest mismatch) or a broken gzip or zstd.
     """
 
-    def __init__(self, out: BinaryIO, compression: str | None):
+    def __init__(self, out: BinaryIO, compression: str | None, budget: TarBudget | None = None):
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown layer compression {compression!r}")
         self.out = out
         self.compression = compression
+        self.budget = budget
         self.blob_hash = hashlib.sha256()
         self.tar_hash = hashlib.sha256()
         self.blob_size = 0
@@ -49,6 +74,8 @@ class LayerSink:
         self.blob_tail = b""  # the blob's last TAIL_SIZE bytes, kept as proof material (see possession.possessed)
 
     def _emit(self, data: bytes) -> None:
+        if self.budget is not None:
+            self.budget.take(len(data))
         self.tar_hash.update(data)
         self.tar_size += len(data)
         self.out.write(data)

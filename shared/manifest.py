@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 
 from docker_http_passthrough.shared import platforms
-from docker_http_passthrough.shared.errors import InvalidContent, NotFound, Unsupported
+from docker_http_passthrough.shared.errors import LimitExceeded, InvalidContent, NotFound, Unsupported
 from docker_http_passthrough.shared.platforms import Platform
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -206,3 +206,12 @@ def check_config_platform(config: bytes, wanted: Platform) -> None:
     if have is None or platforms.fit(have, wanted):
         return
     raise platform_not_found(wanted, [platforms.spelled(doc)])
+
+
+def check_limits(manifest: ImageManifest, max_layers: int, max_bytes: int) -> None:
+    """Before anything else is fetched: an image past IMAGE_MAX_LAYERS or IMAGE_MAX_BYTES is refused."""
+    if len(manifest.layers) > max_layers:
+        raise LimitExceeded(f"the image has {len(manifest.layers)} layers, more than IMAGE_MAX_LAYERS={max_layers}")
+    size = manifest.config.size + sum(layer.size for layer in manifest.layers)
+    if size > max_bytes:
+        raise LimitExceeded(f"the image's blobs take {size} bytes, more than IMAGE_MAX_BYTES={max_bytes}")

@@ -51,8 +51,17 @@ async def _small_blob(client: RegistryClient, store: Store, digest: str,
     if pending is None:
         pending = client.fetches[key] = asyncio.ensure_future(fetch_and_store())
         pending.add_done_callback(lambda _done: client.fetches.pop(key, None))
-    # shield: a client that hangs up does not cancel the fetch the others wait for.
-    return await asyncio.shield(pending), False
+    # shield: a client that hangs up does not cancel the fetch the others wait for; when the last one is gone,
+    # nothing needs it any more and it stops (its upstream connection closes).
+    waiting = client.registries.fetch_waiters
+    waiting[key] = waiting.get(key, 0) + 1
+    try:
+        return await asyncio.shield(pending), False
+    finally:
+        waiting[key] -= 1
+        if not waiting[key]:
+            del waiting[key]
+            pending.cancel()  # a no-op when it is done
 
 
 async def manifest_bytes(client: RegistryClient, store: Store, digest: str) -> bytes:
@@ -64,8 +73,12 @@ async def manifest_bytes(client: RegistryClient, store: Store, digest: str) -> b
     return (await _small_blob(client, store, digest, fetch))[0]
 
 
-async def config_bytes(client: RegistryClient, store: Store, digest: str) -> bytes:
+async def config_bytes(client: RegistryClient, store: Store, digest: str, size: int | None = None) -> bytes:
+    """An image config (up to CONFIG_MAX_BYTES; `size`: the manifest's, checked before anything is fetched)."""
     with tracer().start_as_current_span("fetch_config_blob", attributes={"oci.image.config.digest": digest}) as span:
-        data, stored = await _small_blob(client, store, digest, client.get_blob)
+        async def fetch(reference: str) -> bytes:
+            return await client.get_blob(reference, size)
+
+        data, stored = await _small_blob(client, store, digest, fetch)
         span.set_attribute("dhp.cache.hit", stored)
     return data

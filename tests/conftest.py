@@ -21,6 +21,15 @@ def _fresh_session_registry_proxy(request):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _loopback_registries_allowed(monkeypatch):
+    """Jobs run in this process read their settings from os.environ: let them reach the loopback test registries
+    (tests of REGISTRY_ALLOWED_HOSTS itself pass their own value)."""
+    from tests.support.services import TEST_ALLOWED_HOSTS
+
+    monkeypatch.setenv("REGISTRY_ALLOWED_HOSTS", TEST_ALLOWED_HOSTS)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     """Async tests (@pytest.mark.anyio) run on asyncio, like the server."""

@@ -204,6 +204,9 @@ def test_metrics_after_a_cold_and_a_warm_download(mode, stack, registry, unique_
     assert total(worker, "dhp_upstream_requests_total", operation="blob_get", status="200") == blobs - 1
     assert not total(worker, "dhp_upstream_requests_total", operation="manifest_get", status="200")
     assert total(worker, "dhp_prepare_duration_seconds_count") == 1
+    # Every blob byte received (a resumed or repeated byte would count again): the API read the config, the
+    # worker the layers.
+    assert value(api, "dhp_upstream_bytes_total") == len(image.config)
     assert total(worker, "dhp_upstream_bytes_total") == sum(layer.size for layer in image.layers)
     assert total(worker, "dhp_jobs_in_flight") == 0
 

@@ -1,5 +1,6 @@
 """shared.locks: one holder per name at a time, in process (embedded) and across processes on a real Redis,
-where a live holder keeps its lock past the ttl and a crashed one frees it within the ttl."""
+where a live holder keeps its lock past the ttl (also through a Redis restart) and a crashed one frees it
+within the ttl."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from docker_http_passthrough.shared.locks import LocalLocks, RedisLocks
+from docker_http_passthrough.shared.redis_clients import async_client
+from docker_http_passthrough.shared.settings import Settings
 
 TTL = 1.0
 
@@ -85,3 +88,20 @@ async def test_a_crashed_holder_frees_the_name_within_the_ttl(redis_server):
     finally:
         holder.kill()
         holder.wait(10)
+
+
+@pytest.mark.anyio
+async def test_a_redis_lock_holder_rides_out_a_restart_of_redis(redis_server):
+    """Redis restarts (with its data) while a lock is held: the holder's renewals and release go on; the work
+    under the lock is not failed by the blip."""
+    settings = Settings(redis_url=redis_server.url, redis_outage_timeout=5)
+    client = async_client(settings)
+    try:
+        locks = RedisLocks(client, ttl=3, poll=0.05)
+        async with locks.hold("blob-z"):
+            await asyncio.to_thread(redis_server.restart, 0.6)
+            await asyncio.sleep(1.5)  # a renewal after the restart
+            assert await client.exists("dhp:lock:blob-z")
+        assert await client.keys("dhp:lock:*") == []
+    finally:
+        await client.aclose()

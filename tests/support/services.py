@@ -1,4 +1,4 @@
-"""Real processes for tests: redis-server, dockerd, and the project's server and worker.
+"""Real processes for tests: redis-server (from ``redis_server``), dockerd, and the project's server and worker.
 
 Every part here is started on a free loopback port (or a private unix socket) and
 has a ``stop()`` that is safe to call twice; the pytest fixtures in
@@ -33,8 +33,12 @@ from tests.support.lifecycle import (  # noqa: F401 - free_port, port_is_free, f
     terminate,
     wait_until,
 )
+from tests.support.redis_server import RedisProcess, start_redis  # noqa: F401 - re-exported for tests
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Test registries listen on 127.0.0.1, which the default REGISTRY_ALLOWED_HOSTS refuses for /registry/... routes:
+# every server and worker the tests start allows loopback, unless a test passes a value of its own.
+TEST_ALLOWED_HOSTS = "public,private,loopback"
 
 
 def require(condition: bool, reason: str) -> None:
@@ -48,73 +52,6 @@ def require(condition: bool, reason: str) -> None:
     if os.environ.get("DHP_REQUIRE_ALL") == "1":
         pytest.fail(f"{reason} (DHP_REQUIRE_ALL=1 forbids skipping)", pytrace=False)
     pytest.skip(reason)
-
-
-# --------------------------------------------------------------------------- redis
-
-
-class RedisProcess:
-    """A throw-away redis-server with persistence disabled."""
-
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path) -> None:
-        self.proc = proc
-        self.port = port
-        self.log_path = log_path
-        self.url = f"redis://127.0.0.1:{port}/0"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def client(self, **kwargs) -> redis.Redis:
-        return redis.Redis.from_url(self.url, **kwargs)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        terminate(self.proc, grace=10)
-
-    def __repr__(self) -> str:
-        return f"<RedisProcess {self.url} pid={self.pid}>"
-
-
-def start_redis(workdir: Path, timeout: float = 10.0) -> RedisProcess:
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    binary = find_binary("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server binary not found")
-    last_error = ""
-    for _attempt in range(3):  # free_port() can race with another process
-        port = free_port()
-        log_path = workdir / f"redis-{port}.log"
-        with open_log(log_path) as log:
-            proc = subprocess.Popen(
-                [
-                    binary,
-                    "--port", str(port),
-                    "--bind", "127.0.0.1",
-                    "--protected-mode", "no",
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--dir", str(workdir),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        server = RedisProcess(proc, port, log_path)
-        probe = server.client(socket_timeout=1)
-        try:
-            if wait_until(lambda: bool(probe.ping()), timeout, proc):
-                return server
-        finally:
-            probe.close()
-        server.stop()
-        last_error = tail(log_path)
-    raise RuntimeError(f"redis-server did not start:\n{last_error}")
 
 
 # --------------------------------------------------------------------------- dockerd
@@ -298,6 +235,7 @@ class _ProjectProcess:
             pass
 
     def _spawn(self, args: list[str], env: Mapping[str, str] | None) -> subprocess.Popen:
+        env = {"REGISTRY_ALLOWED_HOSTS": TEST_ALLOWED_HOSTS, **(env or {})}
         with open_log(self.log_path) as log:
             return subprocess.Popen(
                 [sys.executable, "-m", self.module, *args],
