@@ -16,20 +16,23 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from docker_http_passthrough.api.download_routes import Plans, download, job_status, prewarm
-from docker_http_passthrough.api.early_stream import SizeGuesses
 from docker_http_passthrough.api.embedded_preparer import EmbeddedPreparer
 from docker_http_passthrough.api.http_errors import EXCEPTION_HANDLERS
+from docker_http_passthrough.api.keyless import STARTUP_NOTE, KeylessPreparer
 from docker_http_passthrough.api.lease_book import LeaseBook
 from docker_http_passthrough.api.limits import ClientDownloads, ColdImages, PerClientDownloads
 from docker_http_passthrough.api.observability import TelemetryMiddleware, metrics
 from docker_http_passthrough.api.page import index, info
 from docker_http_passthrough.api.queue_preparer import QueuePreparer
 from docker_http_passthrough.api.resolution import ErrorCache, SharedLookups
-from docker_http_passthrough.shared.registry import Registries, new_http_client
+from docker_http_passthrough.api.size_probes import SizeGuesses
+from docker_http_passthrough.shared.locks import RedisLocks
+from docker_http_passthrough.shared.redis_clients import async_client
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import Store
 from docker_http_passthrough.shared.targets import target_from_settings
 from docker_http_passthrough.shared.telemetry import flush_tracing, setup_tracing
+from docker_http_passthrough.shared.upstream_http import registries_for
 
 log = logging.getLogger("docker_http_passthrough.api")
 
@@ -54,11 +57,17 @@ async def download_or_prewarm(request: Request) -> Response:
     return await (prewarm(request) if request.method == "POST" else download(request))
 
 
-DOWNLOAD_PATHS = (
+ROUTE_PATHS = (
     "/docker/{filename}",
     "/registry/{scheme}/{host}/docker/{filename}",
     "/registry-auth/{scheme}/{host}/docker/{filename}",
+    "/ref/{reference:path}",
+    "/ref-auth/{reference:path}",
 )
+# Each route also answers behind a platform. Without a variant first: a /ref/ reference may start with a
+# component that would otherwise read as a variant (/platform/linux/arm64/ref/docker/x.tar).
+PLATFORM_PREFIXES = ("", "/platform/{os}/{arch}", "/platform/{os}/{arch}/{variant}")
+DOWNLOAD_PATHS = tuple(prefix + path for prefix in PLATFORM_PREFIXES for path in ROUTE_PATHS)
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -66,7 +75,10 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         setup_tracing("api")
         store = Store(settings.cache_dir)  # `serve` swept its partial files before the processes started
-        async with Registries(new_http_client(settings)) as registries:
+        # Two-tier: API replicas and workers fetch each small blob once between them (a Redis lock per blob).
+        lock_redis = async_client(settings) if settings.two_tier else None
+        blob_locks = RedisLocks(lock_redis) if lock_redis is not None else None
+        async with registries_for(settings, blob_locks=blob_locks) as registries:
             app.state.settings = settings
             app.state.store = store
             app.state.leases = LeaseBook(store)
@@ -78,10 +90,11 @@ def create_app(settings: Settings) -> Starlette:
             app.state.size_guesses = SizeGuesses()
             app.state.cold_images = ColdImages(settings.max_cold_images)
             if settings.two_tier:
-                if not settings.credentials_key:
-                    log.warning("CREDENTIALS_KEY is not set: requests with client credentials will get 503 in "
-                                "two-tier mode")
                 app.state.preparer = QueuePreparer(settings, store)
+                if not settings.credentials_key:
+                    log.warning(STARTUP_NOTE)
+                    app.state.preparer = KeylessPreparer(app.state.preparer, EmbeddedPreparer(
+                        settings, store, registries, locks=blob_locks))
             else:
                 app.state.preparer = EmbeddedPreparer(settings, store, registries)
             try:
@@ -89,6 +102,8 @@ def create_app(settings: Settings) -> Starlette:
             finally:
                 app.state.leases.close()
                 await app.state.preparer.close()
+                if lock_redis is not None:
+                    await lock_redis.aclose()
                 flush_tracing()
 
     routes = [

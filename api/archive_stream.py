@@ -6,15 +6,16 @@ Each piece goes out as it is read (a memoryview) or, when the server can send fi
 memory, the layer bytes in the page cache as `FileSpan`s the server sends with sendfile. Either way a piece is
 sent before the next is read, so the pacer sees how fast the client takes them.
 
-An early-start stream passes a gate (see `early_stream`) that holds each byte back until the preparation has
-verified what it belongs to. A layer file that is missing or not the planned size raises ArchiveSourceError
-at once: the server then cuts the connection, and the client holds a short file, never a wrong one.
+An early-start stream passes a gate (see `early_gate`) that says how far the bytes may go now and lends the
+reader the file a layer is being inflated into, and holds the end back until the whole image verified. A layer
+file that is missing or not the planned size raises ArchiveSourceError at once: the server then cuts the
+connection, and the client holds a short file, never a wrong one.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import AsyncIterator, Callable, Mapping, Protocol, Sequence
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -25,8 +26,14 @@ from docker_http_passthrough.api.zero_copy import ZERO_COPY
 from docker_http_passthrough.shared.archive import ArchivePlan
 from docker_http_passthrough.shared.archive_reader import ArchiveReader, FileSpan
 
-# Given a position, waits until bytes from there may go out, and returns where that permission ends.
-Gate = Callable[[int], Awaitable[int]]
+
+class Gate(Protocol):
+    async def __call__(self, position: int, reader: ArchiveReader) -> int:
+        """Wait until bytes from `position` may go out (lending `reader` what to read them from); return where
+        that permission ends."""
+
+    def close(self) -> None:
+        """The stream ended: release what the gate holds."""
 
 
 async def stream_archive(leases: LeaseBook, plan: ArchivePlan, diff_ids: Sequence[str], start: int, end: int,
@@ -34,26 +41,30 @@ async def stream_archive(leases: LeaseBook, plan: ArchivePlan, diff_ids: Sequenc
     """Bytes [start, end) of the archive."""
     loop = asyncio.get_running_loop()
     pacer = PiecePacer(loop.time(), zero_copy)
-    async with leases.hold(diff_ids):
-        with ArchiveReader(plan) as reader:
-            position = start
-            while position < end:
-                allowed = end
-                if gate is not None:
-                    waiting_since = loop.time()
-                    allowed = min(end, await gate(position))
-                    pacer.waited(loop.time() - waiting_since)
-                stop = min(position + pacer.piece, allowed)
-                pieces = await reader.parts(position, stop) if zero_copy else (await reader.read(position, stop),)
-                sent_at = loop.time()
-                for piece in pieces:
-                    yield piece  # returns once the server has handed it to the socket
-                reader.release_before(stop)
-                pacer.sent(stop - position, sent_at, loop.time())
-                position = stop
-                # A turn for the other connections (and for the cancellation of this one, whose client may be
-                # gone): a send the socket takes at once awaits nothing.
-                await asyncio.sleep(0)
+    try:
+        async with leases.hold(diff_ids):
+            with ArchiveReader(plan) as reader:
+                position = start
+                while position < end:
+                    allowed = end
+                    if gate is not None:
+                        waiting_since = loop.time()
+                        allowed = min(end, await gate(position, reader))
+                        pacer.waited(loop.time() - waiting_since)
+                    stop = min(position + pacer.piece, allowed)
+                    pieces = await reader.parts(position, stop) if zero_copy else (await reader.read(position, stop),)
+                    sent_at = loop.time()
+                    for piece in pieces:
+                        yield piece  # returns once the server has handed it to the socket
+                    reader.release_before(stop)
+                    pacer.sent(stop - position, sent_at, loop.time())
+                    position = stop
+                    # A turn for the other connections (and for the cancellation of this one, whose client may be
+                    # gone): a send the socket takes at once awaits nothing.
+                    await asyncio.sleep(0)
+    finally:
+        if gate is not None:
+            gate.close()
 
 
 class ArchiveResponse(StreamingResponse):

@@ -7,7 +7,6 @@ The bytes go out through `archive_stream`, warm or early-start alike.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -18,11 +17,15 @@ from starlette.responses import JSONResponse, Response
 from docker_http_passthrough.api.archive_headers import archive_headers
 from docker_http_passthrough.api.archive_stream import ArchiveResponse, stream_archive
 from docker_http_passthrough.api.client_auth import CHALLENGE
-from docker_http_passthrough.api.early_stream import EarlyGate, plan_before_ready
+from docker_http_passthrough.api.client_presence import ClientLeft, unless_client_leaves
+from docker_http_passthrough.api.early_gate import EarlyGate
+from docker_http_passthrough.api.early_stream import plan_before_ready
+from docker_http_passthrough.api.preparation import PreparationWatch
 from docker_http_passthrough.api.ranges import UnsatisfiableRange, requested_range
 from docker_http_passthrough.api.resolution import (
     ImageRequest,
     Resolution,
+    auth_route,
     image_attributes,
     parse_image_request,
     resolve,
@@ -76,7 +79,7 @@ def refusal_response(exc: PassthroughError, wanted: ImageRequest | None, may_cha
 
 def _may_challenge(request: Request) -> bool:
     settings = request.app.state.settings
-    return request.url.path.startswith("/registry-auth/") or settings.registry_client_auth != "off"
+    return auth_route(request) or settings.registry_client_auth != "off"
 
 
 def _spec(wanted: ImageRequest, resolution: Resolution) -> JobSpec:
@@ -97,8 +100,8 @@ async def download(request: Request) -> Response:
     try:
         wanted = parse_image_request(request)
         attributes.update(image_attributes(request, wanted))
-        _note(request, image=f"{wanted.target.name}/{wanted.image.repository}:{wanted.image.tag}")
-        resolution = await resolve(request, wanted)
+        _note(request, image=f"{wanted.target.name}/{wanted.image}", platform=str(wanted.platform))
+        resolution = await unless_client_leaves(request, resolve(request, wanted))
         name = repo_tag(wanted.image, registry_host=wanted.target.repo_tag_host)
         record = state.store.get_image(resolution.key)
         cached = record is not None
@@ -107,14 +110,19 @@ async def download(request: Request) -> Response:
         _note(request, digest=resolution.digest, cache_hit=cached)
         if record is None:
             await state.cold_images.admit(resolution.key, state.store, state.preparer)
-            record = await _prepared_within_grace(request, wanted, resolution)
-        if record is None:
-            early = await _early_response(request, wanted, resolution, name)
+        if record is None and _may_start_early(request):
+            early = await unless_client_leaves(request, _early_response(request, wanted, resolution, name))
             if early is not None:
                 return early
-            record = await state.preparer.ensure(_spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
+        if record is None:
+            record = await unless_client_leaves(request, state.preparer.ensure(
+                _spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token))
         attributes["container.image.id"] = record.config_digest
         plan = state.plans.get(state.store, resolution.key, record, name)
+    except ClientLeft:
+        log.info("download %s: the client hung up while its image was prepared", request.url.path)
+        _note(request, error="client_left")
+        return Response(status_code=499)  # never sent: nobody is there to read it
     except PassthroughError as exc:
         log.info("download %s failed: %s %s", request.url.path, exc.status, exc.message)
         _note(request, error=exc.code)
@@ -132,41 +140,35 @@ async def download(request: Request) -> Response:
     return response
 
 
-async def _prepared_within_grace(request: Request, wanted: ImageRequest,
-                                 resolution: Resolution) -> ImageRecord | None:
-    """The prepared image, waiting for it as long as the request may wait for headers; None when a GET has
-    waited PREPARE_GRACE and the preparation still runs (it goes on: the response may start early)."""
-    state = request.app.state
-    settings = state.settings
-    spec = _spec(wanted, resolution)
-    credentials, token = wanted.auth.credentials, wanted.auth.token
-    if request.method != "GET" or settings.prepare_grace <= 0:
-        return await state.preparer.ensure(spec, credentials, token)
-    await state.preparer.start(spec, credentials, token)
-    try:
-        return await asyncio.wait_for(state.preparer.ensure(spec, credentials, token), settings.prepare_grace)
-    except TimeoutError:
-        return None
+def _may_start_early(request: Request) -> bool:
+    """A cold GET streams while its image is prepared, unless PREPARE_GRACE=0; a Range request (resuming) waits
+    for the image, whose bytes it can then have from anywhere."""
+    return request.method == "GET" and request.app.state.settings.prepare_grace > 0 and "range" not in request.headers
 
 
 async def _early_response(request: Request, wanted: ImageRequest, resolution: Resolution,
                           name: str) -> Response | None:
-    """A response that starts now and sends each part of the archive as the preparation verifies it; None when
-    some size cannot be known before unpacking (the request then waits for the preparation)."""
+    """A response that starts after PREPARE_GRACE, as soon as the archive's exact length is known, and sends the
+    layers as the preparation inflates them; None when the preparation finished first (or cannot be planned
+    before: it then says why). A preparation that fails before the headers raises its error (a JSON answer)."""
     state = request.app.state
     settings = state.settings
     client = RegistryClient(state.registries, wanted.target, wanted.image.repository, wanted.auth.credentials,
                             wanted.auth.token)
-    early = await plan_before_ready(client, state.store, state.size_guesses, resolution.digest, name)
+    watch = PreparationWatch(state.preparer, _spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token,
+                             settings.worker_lost_timeout)
+    try:
+        early = await plan_before_ready(client, state.store, state.size_guesses, resolution.digest, name, watch,
+                                        settings.prepare_grace)
+    except BaseException:
+        watch.close()
+        raise
     if early is None:
-        log.info("download %s: sizes unknown before unpacking, waiting for the preparation", request.url.path)
+        watch.close()
         return None
-    log.info("download %s: still preparing after %gs, streaming %d bytes as layers verify", request.url.path,
-             settings.prepare_grace, early.plan.size)
-    job_id = job_id_for(resolution.key)
-    gate = EarlyGate(early, state.store, wanted.target.api_url, wanted.image.repository,
-                     lambda: state.preparer.state(job_id),
-                     lambda: state.store.get_image(resolution.key) is not None, settings.prepare_timeout)
+    log.info("download %s: streaming %d bytes as the layers are prepared", request.url.path, early.plan.size)
+    gate = EarlyGate(early, state.store, wanted.target.api_url, wanted.image.repository, resolution.key, watch,
+                     settings.prepare_timeout)
     headers = {**archive_headers(early.plan, resolution.digest, wanted.filename),
                "Content-Length": str(early.plan.size)}
     return ArchiveResponse(lambda zero_copy: stream_archive(state.leases, early.plan, early.diff_ids, 0, early.plan.size,
@@ -186,11 +188,13 @@ async def prewarm(request: Request) -> Response:
         else:
             await state.cold_images.admit(resolution.key, state.store, state.preparer)
             job_id = await state.preparer.start(_spec(wanted, resolution), wanted.auth.credentials, wanted.auth.token)
+            state.preparer.hold(job_id)  # a pre-warm is needed until it is done: never released
             status, body = 202, (await state.preparer.status(job_id)) or {"state": "queued"}
     except PassthroughError as exc:
         return refusal_response(exc, wanted, _may_challenge(request))
     status_url = f"/status/{job_id}"
-    return JSONResponse({**body, "job_id": job_id, "manifest_digest": resolution.digest, "status_url": status_url},
+    return JSONResponse({**body, "job_id": job_id, "manifest_digest": resolution.digest,
+                         "platform": str(wanted.platform), "status_url": status_url},
                         status_code=status, headers={"Location": status_url})
 
 

@@ -22,7 +22,7 @@ from docker_http_passthrough.shared.telemetry import current_trace_id, tracer
 log = logging.getLogger("docker_http_passthrough.access")
 
 UNTRACED_PATHS = ("/health", "/metrics")
-DOWNLOAD_PREFIXES = ("/docker/", "/registry/", "/registry-auth/")
+DOWNLOAD_PREFIXES = ("/docker/", "/registry/", "/registry-auth/", "/ref/", "/ref-auth/", "/platform/")
 # How a client that hangs up shows: the server cancels the request, or a send fails.
 _DISCONNECTS = (OSError, ClientDisconnect, asyncio.CancelledError)
 
@@ -169,13 +169,14 @@ class TelemetryMiddleware:
             CACHE.labels("hit" if info["cache_hit"] else "miss").inc()
         fields = {
             "event": "download", "method": scope["method"], "path": scope["path"], "image": info.get("image"),
-            "digest": info.get("digest"), "status": status, "bytes": sent, "duration_s": round(seconds, 3),
+            "platform": info.get("platform"), "digest": info.get("digest"), "status": status, "bytes": sent, "duration_s": round(seconds, 3),
             "cache_hit": info.get("cache_hit"), "complete": completed, "trace_id": current_trace_id(),
             "error": info.get("error") or crash,
         }
         note = "" if completed else f" (failed: {crash})" if crash else " (connection closed early)"
-        log.info("%s %s %s image=%s digest=%s bytes=%d duration=%.3fs cache_hit=%s trace_id=%s%s",
-                 scope["method"], scope["path"], status, fields["image"], fields["digest"], sent, seconds,
+        log.info("%s %s %s image=%s platform=%s digest=%s bytes=%d duration=%.3fs cache_hit=%s trace_id=%s%s",
+                 scope["method"], scope["path"], status, fields["image"], fields["platform"], fields["digest"], sent,
+                 seconds,
                  fields["cache_hit"], fields["trace_id"], note, extra={"fields": fields})
 
 

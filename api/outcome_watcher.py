@@ -31,14 +31,15 @@ class OutcomeWatcher:
     async def _listen(self) -> None:
         while True:
             try:
-                pubsub = self.client.pubsub()
-                await pubsub.psubscribe(OUTCOME_PATTERN)
-                async for message in pubsub.listen():
-                    if message.get("type") == "pmessage":
-                        job_id = message["channel"].decode().removeprefix(OUTCOME_PREFIX)
-                        self.on_outcome(job_id)
-                        for event in self.waiters.get(job_id, ()):
-                            event.set()
+                # The client's retries reconnect and resubscribe through a blip; past them, a fresh subscription.
+                async with self.client.pubsub() as pubsub:
+                    await pubsub.psubscribe(OUTCOME_PATTERN)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "pmessage":
+                            job_id = message["channel"].decode().removeprefix(OUTCOME_PREFIX)
+                            self.on_outcome(job_id)
+                            for event in self.waiters.get(job_id, ()):
+                                event.set()
             except asyncio.CancelledError:
                 raise
             except Exception:  # waiters fall back to looking every CHECK_EVERY meanwhile

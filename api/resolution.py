@@ -26,33 +26,39 @@ from docker_http_passthrough.shared import manifest as mf
 from docker_http_passthrough.shared.errors import (
     BadRequest,
     Forbidden,
+    InvalidContent,
     NotFound,
     PassthroughError,
     TimedOut,
     Unauthorized,
     Unreachable,
 )
-from docker_http_passthrough.shared.name import FilenameError, ImageName, parse_filename
 from docker_http_passthrough.shared.jobs import image_key
+from docker_http_passthrough.shared.name import FilenameError, ImageName, parse_filename
+from docker_http_passthrough.shared.platforms import Platform, PlatformError, parse_platform
+from docker_http_passthrough.shared.reference import ReferenceError, reference_from_path
 from docker_http_passthrough.shared.registry import RegistryClient
-from docker_http_passthrough.shared.small_blobs import manifest_bytes
+from docker_http_passthrough.shared.small_blobs import config_bytes, manifest_bytes, stored_blob
 from docker_http_passthrough.shared.store import Store
-from docker_http_passthrough.shared.targets import Credentials, RegistryTarget, target_from_url
+from docker_http_passthrough.shared.targets import Credentials, RegistryTarget, target_for_reference, target_from_url
 from docker_http_passthrough.shared.telemetry import tracer
 
 log = logging.getLogger("docker_http_passthrough.api")
 
 REMEMBERED_ERRORS = (NotFound, Unauthorized, Forbidden)
+PLATFORM_PREFIX = "/platform/"
+AUTH_ROUTES = ("/registry-auth/", "/ref-auth/")
 STALE_WORTHY = (Unreachable, TimedOut)
 
 
 @dataclass(frozen=True)
 class ImageRequest:
-    filename: str
+    filename: str  # what the archive is called (Content-Disposition)
     target: RegistryTarget
     image: ImageName
     client_credentials: Credentials | None
     auth: UpstreamAuth
+    platform: Platform  # from the path (/platform/<os>/<arch>[/<variant>]/…), else PLATFORM
 
 
 @dataclass(frozen=True)
@@ -63,13 +69,14 @@ class Resolution:
 
 
 class ErrorCache:
-    """Recent failures per (registry, repository, tag, identity); in memory, identities are hashes."""
+    """Recent failures per (registry, repository, tag or digest, platform, identity); in memory, identities are
+    hashes."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
-        self.entries: dict[tuple[str, str, str, str], tuple[float, PassthroughError]] = {}
+        self.entries: dict[tuple[str, ...], tuple[float, PassthroughError]] = {}
 
-    def get(self, key: tuple[str, str, str, str]) -> PassthroughError | None:
+    def get(self, key: tuple[str, ...]) -> PassthroughError | None:
         entry = self.entries.get(key)
         if entry is None:
             return None
@@ -78,7 +85,7 @@ class ErrorCache:
             return None
         return entry[1]
 
-    def put(self, key: tuple[str, str, str, str], error: PassthroughError) -> None:
+    def put(self, key: tuple[str, ...], error: PassthroughError) -> None:
         if self.seconds <= 0:
             return
         if len(self.entries) > 10_000:  # bound memory under a flood of distinct bad names
@@ -111,14 +118,64 @@ class SharedLookups:
             flight.exception()  # looked at: nobody may be waiting any more
 
 
-def _target(request: Request) -> RegistryTarget:
+def route_path(request: Request) -> str:
+    """The request path without its `/platform/<os>/<arch>[/<variant>]` prefix: which route it is."""
+    path = request.url.path
+    if not path.startswith(PLATFORM_PREFIX):
+        return path
+    skip = 4 if "variant" in request.path_params else 3  # "", "platform", os, arch[, variant]
+    return "/" + path.split("/", skip + 1)[skip + 1]
+
+
+def auth_route(request: Request) -> bool:
+    """/registry-auth/… and /ref-auth/…: the client must send registry credentials."""
+    return route_path(request).startswith(AUTH_ROUTES)
+
+
+def _platform(request: Request) -> Platform:
     params = request.path_params
-    if "host" not in params:
-        return request.app.state.default_target
+    if "os" not in params:
+        return parse_platform(request.app.state.settings.platform)
     try:
-        return target_from_url(params["scheme"], params["host"])
+        return parse_platform("/".join(params[k] for k in ("os", "arch", "variant") if k in params))
+    except PlatformError as exc:
+        raise BadRequest(str(exc), code="bad_platform") from None
+
+
+def _target_source(request: Request, target: RegistryTarget) -> str:
+    """"url" when the request path names the registry (unless /ref/ names the configured one), else "settings"."""
+    named = "host" in request.path_params or target != request.app.state.default_target
+    return "url" if named else "settings"
+
+
+def _image_from_filename(request: Request) -> tuple[RegistryTarget, ImageName, str]:
+    params = request.path_params
+    target = request.app.state.default_target
+    if "host" in params:
+        try:
+            target = target_from_url(params["scheme"], params["host"])
+        except ValueError as exc:
+            raise BadRequest(str(exc), code="bad_registry") from None
+    filename = params["filename"]
+    try:
+        image = parse_filename(filename, docker_hub=target.is_docker_hub,
+                               default_namespace=request.app.state.settings.registry_default_namespace)
+    except FilenameError as exc:
+        raise BadRequest(str(exc), code=f"bad_filename:{exc.rule}") from None
+    return target, image, filename
+
+
+def _image_from_reference(request: Request) -> tuple[RegistryTarget, ImageName, str]:
+    try:
+        ref = reference_from_path(request.path_params["reference"])
+        target = target_for_reference(ref.domain, request.app.state.default_target)
+    except ReferenceError as exc:
+        raise BadRequest(str(exc), code=f"bad_reference:{exc.rule}") from None
     except ValueError as exc:
         raise BadRequest(str(exc), code="bad_registry") from None
+    image = ImageName(ref.path, ref.tag, ref.digest)
+    # As the page and `url` name the file on the switch (routes.local_filename): a digest by its first 12 digits.
+    return target, image, f"{ref.path.rsplit('/', 1)[-1]}_{image.tag or image.archive_tag[:19]}.tar"
 
 
 def parse_image_request(request: Request) -> ImageRequest:
@@ -133,10 +190,12 @@ def image_attributes(request: Request, wanted: ImageRequest) -> dict:
     settings = request.app.state.settings
     return {
         "container.image.name": f"{wanted.target.name}/{wanted.image.repository}",
-        "container.image.tag": wanted.image.tag,
+        "container.image.tag": wanted.image.tag or "",
+        "oci.manifest.pinned_digest": wanted.image.digest or "",
+        "dhp.platform": str(wanted.platform),
         "registry.name": wanted.target.name,
         "registry.url": wanted.target.api_url,
-        "registry.target.source": "url" if "host" in request.path_params else "settings",
+        "registry.target.source": _target_source(request, wanted.target),
         "registry.default_namespace": settings.registry_default_namespace or "",
         "registry.auth.configured": wanted.auth.source != "anonymous",
         "registry.client_auth.mode": settings.registry_client_auth,
@@ -147,24 +206,21 @@ def image_attributes(request: Request, wanted: ImageRequest) -> dict:
 
 def _parse_image_request(request: Request) -> ImageRequest:
     settings = request.app.state.settings
-    auth_route = request.url.path.startswith("/registry-auth/")
-    requires_client_auth = auth_route or (settings.registry_client_auth == "required"
-                                          and request.url.path.startswith("/docker/"))
-    target = _target(request)
-    filename = request.path_params["filename"]
-    try:
-        image = parse_filename(filename, docker_hub=target.is_docker_hub,
-                               default_namespace=settings.registry_default_namespace)
-    except FilenameError as exc:
-        raise BadRequest(str(exc), code=f"bad_filename:{exc.rule}") from None
+    platform = _platform(request)
+    by_reference = "reference" in request.path_params
+    target, image, filename = (_image_from_reference if by_reference else _image_from_filename)(request)
+    default = request.app.state.default_target
+    # REGISTRY_CLIENT_AUTH=required guards the configured registry: /docker/…, and /ref/… when it names it.
+    requires_client_auth = auth_route(request) or (settings.registry_client_auth == "required" and target == default
+                                                  and route_path(request).startswith(("/docker/", "/ref/")))
     # Known now, even if the credentials check below refuses the request: the route span should say it.
     getattr(request.state, "span_attributes", {}).update({
-        "container.image.name": f"{target.name}/{image.repository}", "container.image.tag": image.tag,
-        "registry.name": target.name, "registry.url": target.api_url,
-        "registry.target.source": "url" if "host" in request.path_params else "settings"})
+        "container.image.name": f"{target.name}/{image.repository}", "container.image.tag": image.tag or "",
+        "registry.name": target.name, "registry.url": target.api_url, "dhp.platform": str(platform),
+        "registry.target.source": _target_source(request, target)})
     with tracer().start_as_current_span("extract_registry_client_credentials") as span:
         client = None
-        if auth_route or settings.registry_client_auth != "off":
+        if auth_route(request) or settings.registry_client_auth != "off":
             client = basic_credentials(request.headers.get("authorization"))
         span.set_attribute("registry.client_auth.mode", settings.registry_client_auth)
         span.set_attribute("registry.client_auth.credentials_present", "authorization" in request.headers)
@@ -176,17 +232,27 @@ def _parse_image_request(request: Request) -> ImageRequest:
         target=target,
         image=image,
         client_credentials=client,
-        auth=choose_upstream_auth(settings, target, request.app.state.default_target, client),
+        auth=choose_upstream_auth(settings, target, default, client),
+        platform=platform,
     )
 
 
-async def resolve_platform_digest(client: RegistryClient, store: Store, tag: str, platform: str) -> str:
-    """Tag → digest of the platform's image manifest: one HEAD, plus an index GET only when not stored yet."""
-    head = await client.head_manifest(tag)
-    if head.media_type not in mf.INDEXES:
-        return head.digest
-    index = await manifest_bytes(client, store, head.digest)
-    return mf.select_platform(index, platform).digest
+async def resolve_platform_digest(client: RegistryClient, store: Store, reference: str, platform: Platform) -> str:
+    """Tag or digest → digest of the platform's image manifest: one HEAD (with the request's credentials, even for
+    a digest pin: it proves access), plus, when not stored yet, the index GET — or, for a single-platform image,
+    the manifest and config GETs that check its platform (the preparation then finds them stored)."""
+    head = await client.head_manifest(reference)
+    if reference.startswith("sha256:") and head.digest != reference:
+        raise InvalidContent(f"the registry {client.target.name} answered {head.digest} for the digest {reference}")
+    if head.media_type in mf.INDEXES:
+        index = await manifest_bytes(client, store, head.digest)
+        return mf.select_platform(index, platform).digest
+    manifest = mf.parse_image_manifest(await manifest_bytes(client, store, head.digest))
+    mf.check_limits(manifest, client.settings.image_max_layers, client.settings.image_max_bytes)
+    config = stored_blob(client, store, manifest.config.digest) or await config_bytes(
+        client, store, manifest.config.digest, manifest.config.size)
+    mf.check_config_platform(config, platform)
+    return head.digest
 
 
 async def resolve(request: Request, wanted: ImageRequest) -> Resolution:
@@ -202,25 +268,27 @@ async def _resolve(request: Request, wanted: ImageRequest) -> Resolution:
     settings = state.settings
     target, image, auth = wanted.target, wanted.image, wanted.auth
     identity = auth.credentials.identity if auth.credentials else (auth.token and "token") or "anonymous"
-    error_key = (target.api_url, image.repository, image.tag, identity)
+    error_key = (target.api_url, image.repository, image.reference, str(wanted.platform), identity)
     remembered = state.error_cache.get(error_key)
     if remembered is not None:
         trace.get_current_span().set_attribute("dhp.error_cache.hit", True)
         raise remembered
-    client = RegistryClient(state.registries, target, image.repository, auth.credentials, auth.token)
+    # Retries and Retry-After waits included, the resolution ends by RESOLVE_TIMEOUT: the device waits for headers.
+    until = asyncio.get_running_loop().time() + settings.resolve_timeout
+    client = RegistryClient(state.registries, target, image.repository, auth.credentials, auth.token, until=until)
     try:
-        digest = await state.lookups.run((*error_key, settings.platform), lambda: resolve_platform_digest(
-            client, state.store, image.tag, settings.platform))
+        digest = await state.lookups.run(error_key, lambda: resolve_platform_digest(
+            client, state.store, image.reference, wanted.platform))
     except REMEMBERED_ERRORS as exc:
         state.error_cache.put(error_key, exc)
         raise
     except STALE_WORTHY as exc:
-        stale = state.store.tag_digest(target.api_url, image.repository, image.tag, settings.platform)
+        stale = state.store.tag_digest(target.api_url, image.repository, image.reference, str(wanted.platform))
         key = stale and image_key(target.api_url, image.repository, stale)
         if settings.serve_stale and auth.source != "client" and key and state.store.get_image(key):
-            log.warning("serving %s/%s:%s stale (%s) because the registry failed: %s", target.name,
-                        image.repository, image.tag, stale, exc.message)
+            log.warning("serving %s/%s (%s) stale (%s) because the registry failed: %s", target.name, image,
+                        wanted.platform, stale, exc.message)
             return Resolution(stale, key, stale_reason=exc.message)
         raise
-    state.store.remember_tag(target.api_url, image.repository, image.tag, settings.platform, digest)
+    state.store.remember_tag(target.api_url, image.repository, image.reference, str(wanted.platform), digest)
     return Resolution(digest, image_key(target.api_url, image.repository, digest))

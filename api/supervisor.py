@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from docker_http_passthrough.shared.settings import Settings
 
 log = logging.getLogger("docker_http_passthrough.api")
 

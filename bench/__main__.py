@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
                         help="run only these phases (default: all); the warm ones start from one cold download")
     parser.add_argument("--time-limit", type=float, help="give up after this many seconds (default 2400; 600 quick)")
     parser.add_argument("--profile", metavar="DIR", help="record py-spy profiles of the API (if py-spy is installed)")
-    parser.add_argument("--grace", type=float, help="PREPARE_GRACE for the servers (default 20; 1 quick)")
+    parser.add_argument("--grace", type=float, help="PREPARE_GRACE for the servers (default: the server's, 1 s)")
     parser.add_argument("--server-env", action="append", metavar="KEY=VALUE",
                         help="extra environment for the servers and workers (experiments, e.g. MALLOC_ARENA_MAX=2)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs) for inspection")

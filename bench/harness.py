@@ -20,7 +20,7 @@ from bench.processes import Profiler, process_state
 from bench.report import Report, say
 from tests.support.proxy import CountingProxy
 from tests.support.registry import start_registry
-from tests.support.services import ServerProcess
+from tests.support.services import RedisProcess, ServerProcess, WorkerProcess, start_redis
 
 # One name for the registry in every server, whether it reaches it directly or through a proxy, so that all
 # of them put the same image tag into the archive and every download can be compared byte for byte.
@@ -43,6 +43,23 @@ class Plan:
     fast_runs: int
     thousand: int
     thousand_seconds: float
+
+
+@dataclass
+class TwoTier:
+    """A two-tier deployment: the server, 2 RQ workers and their Redis, on one cache."""
+
+    server: ServerProcess
+    workers: list[WorkerProcess]
+    redis: RedisProcess
+    cache: Path
+
+    def stop(self) -> None:
+        self.server.stop()
+        for worker in self.workers:
+            worker.stop()
+        self.redis.stop()
+        shutil.rmtree(self.cache, ignore_errors=True)
 
 
 class Bench:
@@ -69,13 +86,11 @@ class Bench:
         )
         self.phases = set(args.phases)
         self.profiler = Profiler(Path(args.profile).resolve() if args.profile else None)
-        # PREPARE_GRACE: after this long a cold GET gets its headers (exact Content-Length) and streams layers as
-        # they verify. The throttled phase uses 1 s in --quick, so that its small image still takes that path.
-        base_grace = args.grace if args.grace is not None else 20.0
-        self.grace = args.grace if args.grace is not None else (1.0 if quick else 20.0)
-        # Every client here is 127.0.0.1: the per-address download cap would count a fleet as one client.
-        self.server_env = {"LOG_LEVEL": "info", "REGISTRY_NAME": REGISTRY_NAME, "PREPARE_GRACE": f"{base_grace:g}",
-                           "MAX_DOWNLOADS_PER_CLIENT": "0"}
+        # The servers run with the default PREPARE_GRACE (cold GETs stream while their image is prepared) unless
+        # --grace sets one. Every client here is 127.0.0.1: the per-address download cap would count a fleet as one.
+        self.server_env = {"LOG_LEVEL": "info", "REGISTRY_NAME": REGISTRY_NAME, "MAX_DOWNLOADS_PER_CLIENT": "0"}
+        if args.grace is not None:
+            self.server_env["PREPARE_GRACE"] = f"{args.grace:g}"
         for item in args.server_env or []:
             key, sep, value = item.partition("=")
             if not sep or not key:
@@ -138,6 +153,19 @@ class Bench:
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
 
+    def two_tier(self, name: str, registry_url: str) -> TwoTier:
+        redis = start_redis(self.work / f"redis-{name}")
+        self.on_cleanup(redis.stop)
+        cache = self.work / f"cache-{name}"
+        env = {"REDIS_URL": redis.url, "CACHE_DIR": str(cache), "REGISTRY_URL": registry_url, **self.server_env}
+        workers = []
+        for i in range(2):
+            worker = WorkerProcess(env, self.work / f"worker-{name}-{i}.log")
+            self.on_cleanup(worker.stop)
+            workers.append(worker)
+        server, _ = self.server(name, env)
+        return TwoTier(server, workers, redis, cache)
+
     def proxy(self, upstream: str) -> CountingProxy:
         proxy = CountingProxy(upstream).start()
         self.on_cleanup(proxy.stop)
@@ -177,5 +205,7 @@ class Bench:
             self.stop_server(server, cache)
         if "throttled" in phases:
             cold.throttled(self, registry.url, big, ref_big if "cold" in phases or warm_phases else None)
+        if "cold" in phases:
+            cold.two_tier_single(self, registry.url, mid)
         if "fleet" in phases:
             fleet.two_tier(self, registry.url, mid)

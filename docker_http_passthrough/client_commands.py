@@ -42,6 +42,9 @@ def _route_arguments(parser: argparse.ArgumentParser) -> None:
                         help="name the registry in the URL (/registry/...) instead of the server's REGISTRY_URL")
     parser.add_argument("--insecure-registry", action="store_true",
                         help="reach a non-loopback registry over plain HTTP (loopback registries always are)")
+    parser.add_argument("--platform", default=None,
+                        help="os/arch[/variant] in the URL, e.g. linux/arm64 for IR1101/IR1800 "
+                             "(default: the server's PLATFORM)")
 
 
 def add_client_commands(commands: argparse._SubParsersAction) -> None:
@@ -54,8 +57,6 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
 
     prewarm = commands.add_parser("prewarm", help="prepare images on a server now and wait until they are ready")
     _route_arguments(prewarm)
-    prewarm.add_argument("--platform", default=None,
-                         help="os/arch[/variant]; must be the server's PLATFORM (linux/amd64 unless set)")
     prewarm.add_argument("--user", default=None,
                          help="registry username to send; the password comes from $DHP_REGISTRY_PASSWORD or a prompt")
     prewarm.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for all images (default 3600)")
@@ -65,7 +66,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
 def route_options(args: argparse.Namespace, client_auth: bool) -> RouteOptions:
     return RouteOptions(server=args.server, registry_in_url=args.registry_in_url, client_auth=client_auth,
                         insecure_registry=args.insecure_registry,
-                        destination=getattr(args, "destination", "flash:"))
+                        destination=getattr(args, "destination", "flash:"), platform=args.platform)
 
 
 def run_url(args: argparse.Namespace) -> int:

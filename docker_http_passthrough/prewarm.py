@@ -20,7 +20,7 @@ from typing import TextIO
 
 import httpx
 
-from docker_http_passthrough.routes import RouteOptions, build
+from docker_http_passthrough.routes import RouteOptions, build, image_line
 
 PASSWORD_ENV = "DHP_REGISTRY_PASSWORD"
 BAR_WIDTH = 24
@@ -36,6 +36,9 @@ PLAIN_CAUSES = {
     "invalid_content": "the registry sent content that does not verify",
     "unsupported": "the image uses a format the server cannot turn into a docker-save archive",
     "unavailable": "the server cannot prepare images right now",
+    "platform_not_found": "the image has no such platform",
+    "foreign_layer": "the image has a foreign layer the server may not or cannot fetch",
+    "rate_limited": "the registry's pull limit is used up",
 }
 
 
@@ -77,7 +80,8 @@ def cause_in_words(error: dict, status: int, has_credentials: bool) -> str:
     if status == 401 and not has_credentials:
         return (f"the registry wants credentials for this image: pass --user NAME (the password comes from "
                 f"${PASSWORD_ENV} or a prompt)")
-    cause = PLAIN_CAUSES.get(code) or ("the filename breaks a rule" if code.startswith("bad_filename") else "")
+    cause = PLAIN_CAUSES.get(code) or ("the filename breaks a rule" if code.startswith("bad_filename") else
+                                       "the reference breaks a rule" if code.startswith("bad_reference") else "")
     detail = error.get("message") or f"the server answered HTTP {status}"
     return f"{cause} ({detail})" if cause else str(detail)
 
@@ -205,20 +209,6 @@ def _credentials(user: str | None) -> httpx.BasicAuth | None:
     return httpx.BasicAuth(user, password)
 
 
-def _platform_problem(client: httpx.Client, platform: str | None) -> str | None:
-    """Per-request platforms are not in the filename routes: the server prepares its PLATFORM setting."""
-    if platform is None:
-        return None
-    try:
-        served = client.get("/info").json().get("platform")
-    except (httpx.HTTPError, ValueError) as exc:
-        return f"could not ask the server which platform it prepares ({type(exc).__name__})"
-    if served != platform:
-        return (f"this server prepares {served} images (its PLATFORM setting), not {platform}; use a server "
-                f"started with PLATFORM={platform}")
-    return None
-
-
 async def _warm_all(items: list[Warmup], server: str, auth, interval: float, timeout: float, display) -> None:
     deadline = time.monotonic() + timeout
     limits = httpx.Limits(max_connections=16)
@@ -232,16 +222,11 @@ def prewarm_command(args: argparse.Namespace, options: RouteOptions) -> int:
     items = []
     for text in args.references:
         result = build(text, options)
-        item = Warmup(text, image=f"{result['registry']}/{result['repository']}:{result['tag']}"
+        item = Warmup(text, image=image_line(result) + (f" ({result['platform']})" if result["platform"] else "")
                       if result["registry"] else text, url=result["url"])
         if result["problem"]:
             item.fail(result["problem"]["message"])
         items.append(item)
-    with httpx.Client(base_url=args.server, timeout=10, trust_env=False) as client:
-        problem = _platform_problem(client, args.platform)
-    if problem:
-        print(f"docker-http-passthrough: {problem}", file=sys.stderr)
-        return 2
     auth = _credentials(args.user)
     display = Display(items, sys.stdout)
     display.start()

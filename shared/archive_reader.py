@@ -7,6 +7,9 @@ instead: the in-memory members as they are, and file bytes the page cache holds 
 send (sendfile) — file bytes it does not hold are read in a thread, as above. A layer file that is missing, or
 not the size the plan says, raises ArchiveSourceError at once: the caller must cut the response, so the client
 holds a short file.
+
+A layer not in place yet can be read from a file its caller lends (`lend`): a layer still being inflated
+(see api.early_gate, which reads only what is written so far). Lent files are the caller's to close.
 """
 
 from __future__ import annotations
@@ -76,8 +79,18 @@ class ArchiveReader:
         self.fds: dict[str, int] = {}
         self.until: dict[str, int] = {}  # path → end (in the archive) of the segment it is open for
         self.cached: dict[str, tuple[int, int]] = {}  # path → a range of the file the page cache was found to hold
+        self.lent: dict[str, int] = {}
+
+    def lend(self, path: str, fd: int) -> None:
+        """Read the layer planned at `path` from `fd` (the caller's, and the caller's to close) from now on."""
+        if self.lent.get(path) != fd:
+            self.cached.pop(path, None)  # what the page cache held was another file's
+        self.lent[path] = fd
 
     def _fd(self, seg: Segment) -> int:
+        lent = self.lent.get(seg.path)
+        if lent is not None:
+            return lent
         fd = self.fds.get(seg.path)
         if fd is None:
             fd = self.fds[seg.path] = _open_checked(seg)
@@ -185,6 +198,7 @@ class ArchiveReader:
             os.close(fd)
         self.fds.clear()
         self.until.clear()
+        self.lent.clear()
 
     def __enter__(self) -> "ArchiveReader":
         return self

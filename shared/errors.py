@@ -14,16 +14,18 @@ class PassthroughError(Exception):
         if code is not None:
             cls.code = code
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
+                 details: dict | None = None):
         super().__init__(message)
         self.message = message
+        self.details = details or {}  # more JSON fields for the user (e.g. the platforms an image has)
         if status is not None:
             self.status = status
         if code is not None:
             self.code = code
 
     def to_dict(self) -> dict:
-        return {"error": self.code, "status": self.status, "message": self.message}
+        return {**self.details, "error": self.code, "status": self.status, "message": self.message}
 
     def headers(self) -> dict[str, str]:
         """HTTP headers the answer needs besides the JSON body."""
@@ -31,8 +33,9 @@ class PassthroughError(Exception):
 
     @classmethod
     def from_dict(cls, data: dict) -> "PassthroughError":
+        details = {k: v for k, v in data.items() if k not in ("error", "status", "message")}
         return cls(str(data.get("message", "preparation failed")), status=int(data.get("status", 502)),
-                   code=str(data.get("error", "error")))
+                   code=str(data.get("error", "error")), details=details)
 
 
 class BadRequest(PassthroughError, status=400, code="bad_request"):
@@ -69,6 +72,23 @@ class TimedOut(PassthroughError, status=504, code="timeout"):
 
 class Unavailable(PassthroughError, status=503, code="unavailable"):
     """A part of this service is missing: Redis, CREDENTIALS_KEY, a volume shared with the workers."""
+
+
+class NotAllowed(PassthroughError, status=403, code="registry_not_allowed"):
+    """A host this server may not connect to for a client (REGISTRY_ALLOWED_HOSTS): a registry named in the
+    URL, or a redirect or token realm it names."""
+
+
+class LimitExceeded(PassthroughError, status=502, code="limit_exceeded"):
+    """The registry sent more than a limit allows (size, layers, redirects, time); the message names the setting."""
+
+
+class StoreFull(PassthroughError, status=507, code="store_full"):
+    """No space left on the store's volume (CACHE_DIR)."""
+
+    def __init__(self, message: str, *, written: int = 0, **kwargs):
+        super().__init__(message, **kwargs)
+        self.written = written  # bytes the failed write had put down: at least this much room is wanted
 
 
 class PreparationFailed(PassthroughError, status=502, code="preparation_failed"):

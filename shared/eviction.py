@@ -1,9 +1,11 @@
 """Keeping the store under CACHE_MAX_BYTES: least-recently-used layers go first, leased layers never.
 
 Last use is recorded by us (atime is unreliable under relatime/noatime): the mtime of `used/<hex>`.
-A lease is a file `leases/<hex>.<token>` whose mtime its holder refreshes while it streams or prepares the
-layer; a lease untouched for LEASE_TTL belongs to a crashed process and no longer protects anything.
+A lease is a file `leases/<hex>.<owner>-<random>` whose mtime its holder refreshes while it streams or prepares
+the layer; a lease untouched for LEASE_TTL belongs to a crashed process and no longer protects anything (and
+a worker's leases go at once when it is known dead, see `owners`).
 Any number of API and worker processes on any hosts may evict at once: each removal is a single unlink.
+A full volume makes room the same way (`evict(..., free=…)`), before a failed layer write is tried again.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import time
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import AsyncIterator, Iterable, Iterator
 
 from docker_http_passthrough.shared.digests import digest_hex
 from docker_http_passthrough.shared.metrics import EVICTIONS
-from docker_http_passthrough.shared.store import Store
+from docker_http_passthrough.shared.owners import lease_owned_by, owned_name
+from docker_http_passthrough.shared.store import FULL, Store
 
 log = logging.getLogger("docker_http_passthrough.eviction")
 
@@ -29,11 +31,17 @@ LEASE_REFRESH = 60.0
 
 def _touch(path: Path, when: float | None = None) -> None:
     try:
-        os.utime(path, (when, when) if when is not None else None)
-    except FileNotFoundError:
-        path.touch()
-        if when is not None:
-            os.utime(path, (when, when))
+        try:
+            os.utime(path, (when, when) if when is not None else None)
+        except FileNotFoundError:
+            path.touch()
+            if when is not None:
+                os.utime(path, (when, when))
+    except OSError as exc:
+        if exc.errno not in FULL:
+            raise
+        # A full volume must not stop warm downloads: the use record or lease is missing until space is back.
+        log.warning("cannot record %s: the store's volume is full", path.name)
 
 
 def record_use(store: Store, diff_ids: Iterable[str]) -> None:
@@ -45,7 +53,7 @@ class Leases:
     """Lease files for a set of layers; `refresh()` is cheap to call often (it acts once a minute)."""
 
     def __init__(self, store: Store, diff_ids: Iterable[str]):
-        token = secrets.token_hex(8)
+        token = owned_name(store.owner)
         self.paths = [store.root / "leases" / f"{digest_hex(d)}.{token}" for d in set(diff_ids)]
         self.refreshed = 0.0
 
@@ -102,8 +110,19 @@ def _leased_layers(store: Store) -> set[str]:
     return alive
 
 
-def evict(store: Store, max_bytes: int) -> list[str]:
-    """Remove least-recently-used, unleased layers until the layers fit in max_bytes; returns removed hexes."""
+def remove_leases_of(store: Store, owner: str) -> int:
+    """Remove the leases of `owner`, a process known to be dead; returns how many."""
+    removed = 0
+    for path in (store.root / "leases").iterdir():
+        if lease_owned_by(path.name, owner):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def evict(store: Store, max_bytes: int, *, free: int = 0) -> list[str]:
+    """Remove least-recently-used, unleased layers until the layers fit in max_bytes, and (to make room on a
+    full volume) until at least `free` bytes of layers went; returns the removed hexes."""
     if max_bytes <= 0:
         return []
     layers = []
@@ -122,6 +141,8 @@ def evict(store: Store, max_bytes: int) -> list[str]:
             last_use = stat.st_mtime
         layers.append((last_use, hex_id, path, stat.st_size))
         total += stat.st_size
+    if free:
+        max_bytes = max(min(max_bytes, total - free), 0)
     if total <= max_bytes:
         return []
     protected = _leased_layers(store)

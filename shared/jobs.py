@@ -103,6 +103,25 @@ def credentials_key(job_id: str) -> str:
 OUTCOME_PATTERN = OUTCOME_PREFIX + "*"
 
 
+def enqueue_lock_key(job_id: str) -> str:
+    """Held while a job is started, joined, replaced or run again: one of those at a time per job."""
+    return f"dhp:enqueue:{job_id}"
+
+
+# The names of the workers that beat a presence key (see shared.presence).
+WORKERS_KEY = "dhp:workers"
+
+
+def presence_key(worker_name: str) -> str:
+    """Exists while the worker beats: it lives WORKER_LOST_TIMEOUT and is refreshed every second."""
+    return f"dhp:alive:{worker_name}"
+
+
+def burial_key(worker_name: str) -> str:
+    """Held by the one survivor cleaning up after a dead worker."""
+    return f"dhp:burying:{worker_name}"
+
+
 def _fernet(key: str) -> Fernet:
     # Any passphrase works: derive the 32-byte Fernet key from it, so operators need no special format.
     return Fernet(base64.urlsafe_b64encode(hashlib.sha256(key.encode()).digest()))

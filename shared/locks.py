@@ -3,7 +3,9 @@
 Embedded mode: file locks (flock) in the store, which hold across the API processes of one server (`serve
 --workers N`) as well as between the tasks of one; a process that dies frees its locks with its descriptors.
 Across worker processes and hosts (two-tier), redis-py's Lock: a key with an expiry, renewed while held, so a
-crashed holder frees the name within `ttl` seconds. (`LocalLocks`: one process's asyncio locks, for tests.)
+crashed holder frees the name within `ttl` seconds. A Redis blip is ridden out by the client's retries
+(`redis_clients`); a renewal or release that still fails is not the holder's failure: the work under a lock is
+verified anyway, the lock only saves a second download. (`LocalLocks`: one process's asyncio locks, for tests.)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import AsyncIterator, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 
 log = logging.getLogger("docker_http_passthrough.locks")
 
@@ -103,16 +105,20 @@ class RedisLocks:
             except LockError:  # expired meanwhile (a stalled process): someone else may hold it now
                 log.warning("lock %s expired while held", lock.name)
                 return
+            except RedisError as exc:  # Redis away for longer than the client's retries: try again next time
+                log.warning("lock %s not renewed: %s", lock.name, type(exc).__name__)
 
     @asynccontextmanager
     async def hold(self, name: str) -> AsyncIterator[None]:
-        # Not thread-local: the token belongs to this holder's tasks, which its renewer task is one of. A lock
-        # that expired while held is not an error at release: the work under it is done and verified anyway.
-        lock = self.client.lock(self.prefix + name, timeout=self.ttl, sleep=self.poll, thread_local=False,
-                                raise_on_release_error=False)
-        async with lock:
-            renewer = asyncio.create_task(self._renew(lock))
+        # Not thread-local: the token belongs to this holder's tasks, which its renewer task is one of.
+        lock = self.client.lock(self.prefix + name, timeout=self.ttl, sleep=self.poll, thread_local=False)
+        await lock.acquire()
+        renewer = asyncio.create_task(self._renew(lock))
+        try:
+            yield
+        finally:
+            renewer.cancel()
             try:
-                yield
-            finally:
-                renewer.cancel()
+                await lock.release()
+            except RedisError as exc:  # expired while held, or Redis away: its ttl frees it anyway
+                log.warning("lock %s not released: %s", lock.name, type(exc).__name__)

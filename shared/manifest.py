@@ -7,7 +7,9 @@ import json
 import re
 from dataclasses import dataclass
 
-from docker_http_passthrough.shared.errors import InvalidContent, NotFound, Unsupported
+from docker_http_passthrough.shared import platforms
+from docker_http_passthrough.shared.errors import LimitExceeded, InvalidContent, NotFound, Unsupported
+from docker_http_passthrough.shared.platforms import Platform
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -15,6 +17,10 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json", "application/vnd.docker.distribution.manifest.v1+prettyjws")
 
+# At most this many URLs of a foreign layer are tried.
+URLS_KEPT = 8
+# At most this many platforms are listed in a platform_not_found answer.
+PLATFORMS_LISTED = 64
 # Set on index entries that are not images but refer to one (BuildKit attestation manifests).
 REFERENCE_TYPE = "vnd.docker.reference.type"
 
@@ -29,6 +35,18 @@ GZIP_LAYERS = frozenset({
     "application/vnd.oci.image.layer.v1.tar+gzip",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
 })
+ZSTD_LAYERS = frozenset({
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+})
+# Windows base layers and other blobs whose licence keeps registries from serving them: the descriptor's `urls`
+# say where they live.
+FOREIGN_LAYERS = frozenset({
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+})
 PLAIN_LAYERS = frozenset({
     "application/vnd.docker.image.rootfs.diff.tar",
     "application/vnd.oci.image.layer.v1.tar",
@@ -41,12 +59,24 @@ class Descriptor:
     media_type: str
     digest: str
     size: int
+    urls: tuple[str, ...] = ()  # where a foreign (non-distributable) layer may be fetched from instead
+
+    @property
+    def foreign(self) -> bool:
+        return self.media_type in FOREIGN_LAYERS or bool(self.urls)
 
 
 @dataclass(frozen=True)
 class ImageManifest:
     config: Descriptor
     layers: tuple[Descriptor, ...]
+
+
+def compression_of(layer: Descriptor) -> str | None:
+    """"gzip", "zstd", or None for an uncompressed layer (parse_image_manifest refused any other type)."""
+    if layer.media_type in GZIP_LAYERS:
+        return "gzip"
+    return "zstd" if layer.media_type in ZSTD_LAYERS else None
 
 
 def check_supported(media_type: str) -> None:
@@ -93,7 +123,9 @@ def _descriptor(raw: object) -> Descriptor:
         if _DIGEST.fullmatch(digest):
             raise Unsupported(f"digest {digest[:80]!r}: only sha256 digests are supported")
         raise InvalidContent(f"the manifest has a malformed digest {digest[:80]!r}")
-    return Descriptor(media_type, digest, size)
+    urls = raw.get("urls")  # a foreign layer's; bounded, as a hostile manifest could list anything
+    urls = tuple(u for u in urls[:URLS_KEPT] if isinstance(u, str) and len(u) <= 2048) if isinstance(urls, list) else ()
+    return Descriptor(media_type, digest, size, urls)
 
 
 def media_type_of(data: bytes, fallback: str) -> str:
@@ -110,9 +142,9 @@ def parse_image_manifest(data: bytes) -> ImageManifest:
         raise InvalidContent("expected an image manifest but got an index")
     layers = tuple(_descriptor(layer) for layer in _list(doc, "layers"))
     for layer in layers:
-        if layer.media_type not in GZIP_LAYERS | PLAIN_LAYERS:
+        if layer.media_type not in GZIP_LAYERS | ZSTD_LAYERS | PLAIN_LAYERS:
             raise Unsupported(f"layer {layer.digest} has media type {layer.media_type[:100]!r}; "
-                              "only gzip and uncompressed tar layers are supported")
+                              "only gzip, zstd and uncompressed tar layers are supported")
     return ImageManifest(config=_descriptor(doc.get("config")), layers=layers)
 
 
@@ -126,24 +158,60 @@ def diff_ids_of(config: bytes) -> list[str]:
     return diff_ids
 
 
-def select_platform(index: bytes, platform: str) -> Descriptor:
-    """Pick the manifest for `platform` ("os/arch[/variant]") by its platform field, never by position."""
-    want_os, want_arch, *rest = platform.split("/")
-    want_variant = rest[0] if rest else None
-    offered = []
+def index_platforms(index: bytes) -> list[tuple[dict, str]]:
+    """The image entries of an index with their platforms as the registry spells them, in index order.
+
+    BuildKit's attestation manifests (platform unknown/unknown) describe an image and are none: left out."""
+    entries = []
     for entry in _list(_load(index), "manifests"):
         if not isinstance(entry, dict):
             raise InvalidContent("the index has an entry that is not a JSON object")
         annotations = entry.get("annotations")
         if isinstance(annotations, dict) and annotations.get(REFERENCE_TYPE):
-            continue  # BuildKit's attestations (platform unknown/unknown) describe an image; they are none
+            continue
         plat = entry.get("platform") if isinstance(entry.get("platform"), dict) else {}
-        offered.append("/".join(str(p) for p in (plat.get("os"), plat.get("architecture"), plat.get("variant")) if p))
-        if plat.get("os") == want_os and plat.get("architecture") == want_arch and (
-            want_variant is None or plat.get("variant") == want_variant
-        ):
-            return _descriptor(entry)
-    listed = ", ".join(offered) or "none"
+        entries.append((entry, platforms.spelled(plat)))
+    return entries
+
+
+def platform_not_found(wanted: Platform, available: list[str]) -> NotFound:
+    """404 naming the platform asked for and listing the ones the image has (also as a JSON field); bounded, as
+    a hostile index could list anything."""
+    available = [spelling[:100] for spelling in available[:PLATFORMS_LISTED]]
+    listed = ", ".join(available) or "none"
     listed = listed if len(listed) <= 300 else listed[:300] + "…"
-    raise NotFound(f"the image has no {platform} variant (offered: {listed})",
-                   code="platform_not_found")
+    return NotFound(f"the image has no {wanted} variant (offered: {listed})",
+                    code="platform_not_found", details={"platform": str(wanted), "platforms": available})
+
+
+def select_platform(index: bytes, wanted: Platform) -> Descriptor:
+    """Pick the manifest for `wanted` by its platform field, never by position. An exact match (after
+    normalising, see `platforms`) wins; a request without a variant otherwise takes the first entry of its
+    os and architecture (linux/arm on an index with only arm/v6)."""
+    entries = index_platforms(index)
+    fits = [platforms.fit(platforms.offered(entry.get("platform")), wanted) for entry, _spelling in entries]
+    if any(fits):
+        return _descriptor(entries[fits.index(max(fits))][0])  # index() gives the first of the best
+    raise platform_not_found(wanted, [spelling for _entry, spelling in entries])
+
+
+def check_config_platform(config: bytes, wanted: Platform) -> None:
+    """A single-platform image serves only the platform its config names (a config that names none serves
+    any): an arm64 image asked for as linux/amd64 is a 404 naming linux/arm64, never an image that cannot run."""
+    try:
+        doc = json.loads(config)
+    except (ValueError, RecursionError):
+        raise InvalidContent("the image config is not valid JSON") from None
+    have = platforms.offered(doc)
+    if have is None or platforms.fit(have, wanted):
+        return
+    raise platform_not_found(wanted, [platforms.spelled(doc)])
+
+
+def check_limits(manifest: ImageManifest, max_layers: int, max_bytes: int) -> None:
+    """Before anything else is fetched: an image past IMAGE_MAX_LAYERS or IMAGE_MAX_BYTES is refused."""
+    if len(manifest.layers) > max_layers:
+        raise LimitExceeded(f"the image has {len(manifest.layers)} layers, more than IMAGE_MAX_LAYERS={max_layers}")
+    size = manifest.config.size + sum(layer.size for layer in manifest.layers)
+    if size > max_bytes:
+        raise LimitExceeded(f"the image's blobs take {size} bytes, more than IMAGE_MAX_BYTES={max_bytes}")

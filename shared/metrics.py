@@ -19,7 +19,8 @@ CACHE = Counter("dhp_cache_requests_total", "Downloads by whether the image was 
 PREPARE_SECONDS = Histogram("dhp_prepare_duration_seconds", "Time to prepare one image (download, verify, unpack)",
                             buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
 UPSTREAM = Counter("dhp_upstream_requests_total", "Requests to registries", ["operation", "status"])
-UPSTREAM_BYTES = Counter("dhp_upstream_bytes_total", "Compressed layer bytes downloaded from registries")
+UPSTREAM_BYTES = Counter("dhp_upstream_bytes_total",
+                         "Blob bytes received from registries (configs and layers, resumed or repeated bytes too)")
 EVICTIONS = Counter("dhp_store_evictions_total", "Layers evicted to stay under CACHE_MAX_BYTES")
 JOBS_IN_FLIGHT = Gauge("dhp_jobs_in_flight", "Preparations running in this process (API: in all its processes)",
                        multiprocess_mode="livesum")
@@ -27,6 +28,12 @@ STORE_BYTES = Gauge("dhp_store_layer_bytes", "Bytes of unpacked layers in the st
 QUEUE_DEPTH = Gauge("dhp_queue_depth", "Preparation jobs waiting in the RQ queue", multiprocess_mode="mostrecent")
 WAITING_REQUESTS = Gauge("dhp_requests_waiting_for_preparation", "Requests waiting for a preparation",
                          multiprocess_mode="livesum")
+RATELIMIT_LIMIT = Gauge("dhp_registry_ratelimit_limit",
+                        "Pulls a registry allows per window, as its last ratelimit-limit header said", ["registry"],
+                        multiprocess_mode="mostrecent")
+RATELIMIT_REMAINING = Gauge("dhp_registry_ratelimit_remaining",
+                            "Pulls left in the window, as the registry's last ratelimit-remaining header said",
+                            ["registry"], multiprocess_mode="mostrecent")
 
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 

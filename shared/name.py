@@ -46,10 +46,28 @@ class FilenameError(ValueError):
         return (type(self), (self.rule, str(self)))
 
 
+# The tag a digest-only reference gets in the archive: `docker load` needs name:tag, never name@digest.
+DIGEST_TAG_PREFIX = "sha256-"
+
+
 @dataclass(frozen=True)
 class ImageName:
     repository: str  # path at the registry, e.g. "library/nginx", "team/platform/api"
-    tag: str
+    tag: str | None  # None only for a digest-only reference (/ref/…@sha256:…)
+    digest: str | None = None  # a digest pin: the registry is asked for this, never for the tag
+
+    @property
+    def reference(self) -> str:
+        """What the registry is asked for: the pinned digest, else the tag."""
+        return self.digest or self.tag or ""
+
+    @property
+    def archive_tag(self) -> str:
+        """The tag inside the archive: the one given, else `sha256-<hex>` of the pinned digest."""
+        return self.tag or DIGEST_TAG_PREFIX + (self.digest or "").removeprefix("sha256:")
+
+    def __str__(self) -> str:
+        return self.repository + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
 
 
 def _component_problem(component: str) -> str | None:
@@ -148,7 +166,8 @@ def parse_filename(
 
 
 def repo_tag(image: ImageName, *, registry_host: str | None) -> str:
-    """The RepoTags entry for manifest.json, named as ``docker pull`` would name it.
+    """The RepoTags entry for manifest.json, named as ``docker pull`` would name it (a digest pin keeps its tag
+    when it has one; `docker load` refuses name@digest, so a digest-only pin is tagged `sha256-<hex>`).
 
     Docker Hub (``registry_host`` None or a Docker Hub host) uses the familiar
     short form (``nginx:latest``, ``myrepo/myimage:v1.0``); any other registry
@@ -160,8 +179,8 @@ def repo_tag(image: ImageName, *, registry_host: str | None) -> str:
         short = repository.removeprefix("library/")
         if short != repository and "/" not in short:
             repository = short
-        return f"{repository}:{image.tag}"
-    return f"{registry_host}/{image.repository}:{image.tag}"
+        return f"{repository}:{image.archive_tag}"
+    return f"{registry_host}/{image.repository}:{image.archive_tag}"
 
 
 # -- The inverse: an image reference as `docker pull` takes it → the download path that asks for it. --------

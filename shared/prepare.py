@@ -12,10 +12,11 @@ import time
 from dataclasses import dataclass
 
 from docker_http_passthrough.shared import manifest as mf
-from docker_http_passthrough.shared.errors import InvalidContent
+from docker_http_passthrough.shared.errors import InvalidContent, StoreFull
 from docker_http_passthrough.shared.eviction import evict, held_leases, record_use
 from docker_http_passthrough.shared.jobs import Progress, image_key, job_id_for
 from docker_http_passthrough.shared.layer_download import all_or_nothing, fetch_layer
+from docker_http_passthrough.shared.layer_sink import TarBudget
 from docker_http_passthrough.shared.locks import Locks
 from docker_http_passthrough.shared.metrics import JOBS_IN_FLIGHT, PREPARE_SECONDS
 from docker_http_passthrough.shared.possession import reusable
@@ -34,6 +35,8 @@ class _Job:
     locks: Locks
     slots: asyncio.Semaphore
     progress: Progress
+    budget: TarBudget  # unpacked bytes the image may still take
+    cache_max_bytes: int = 0
 
 
 async def prepare_image(client: RegistryClient, store: Store, manifest_digest: str, locks: Locks,
@@ -51,7 +54,8 @@ async def prepare_image(client: RegistryClient, store: Store, manifest_digest: s
             record = store.get_image(key)
             if record is not None:
                 return record
-            job = _Job(client, store, locks, asyncio.Semaphore(concurrency), progress or Progress())
+            job = _Job(client, store, locks, asyncio.Semaphore(concurrency), progress or Progress(),
+                       TarBudget(client.settings.image_max_bytes), cache_max_bytes)
             return await _prepare(job, key, manifest_digest, cache_max_bytes)
     finally:
         JOBS_IN_FLIGHT.dec()
@@ -61,7 +65,8 @@ async def prepare_image(client: RegistryClient, store: Store, manifest_digest: s
 async def _prepare(job: _Job, key: str, manifest_digest: str, cache_max_bytes: int) -> ImageRecord:
     client, store = job.client, job.store
     manifest = mf.parse_image_manifest(await manifest_bytes(client, store, manifest_digest))
-    diff_ids = mf.diff_ids_of(await config_bytes(client, store, manifest.config.digest))
+    mf.check_limits(manifest, client.settings.image_max_layers, client.settings.image_max_bytes)
+    diff_ids = mf.diff_ids_of(await config_bytes(client, store, manifest.config.digest, manifest.config.size))
     if len(diff_ids) != len(manifest.layers):
         raise InvalidContent(f"the manifest lists {len(manifest.layers)} layers but the config has "
                              f"{len(diff_ids)} diff_ids")
@@ -99,7 +104,7 @@ async def _layer(job: _Job, index: int, layer: mf.Descriptor, diff_id: str) -> i
                 async with job.locks.hold(f"blob-{layer.digest}"):
                     # Someone may have fetched it for this registry while we waited for the lock.
                     if not await reusable(client, store, layer, diff_id, prove=False):
-                        await fetch_layer(client, store, layer, diff_id, job.progress, index)
+                        await _fetch_making_room(job, index, layer, diff_id)
                         fetched = True
             if not fetched:
                 job.progress.bytes_done += layer.size  # already stored counts as done
@@ -108,3 +113,19 @@ async def _layer(job: _Job, index: int, layer: mf.Descriptor, diff_id: str) -> i
             span.set_attribute("dhp.cache.hit", not fetched)
             span.set_attribute("oci.layer.decompressed_size", size)
             return size
+
+
+async def _fetch_making_room(job: _Job, index: int, layer: mf.Descriptor, diff_id: str) -> None:
+    """fetch_layer; on a full volume with CACHE_MAX_BYTES set, evict least-recently-used layers (never this
+    image's: they are leased) to free what the failed write needed plus the blob's size, and try once more."""
+    done_before = job.progress.bytes_done
+    try:
+        await fetch_layer(job.client, job.store, layer, diff_id, job.progress, index, job.budget)
+    except StoreFull as full:
+        wanted = full.written + layer.size
+        if not job.cache_max_bytes or not await asyncio.to_thread(evict, job.store, job.cache_max_bytes,
+                                                                  free=wanted):
+            raise
+        job.progress.bytes_done = done_before  # other layers may have moved it meanwhile: close enough
+        job.budget.refund(full.written)  # the failed write took from the budget
+        await fetch_layer(job.client, job.store, layer, diff_id, job.progress, index, job.budget)

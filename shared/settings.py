@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping
 from urllib.parse import urlsplit
+
+from docker_http_passthrough.shared.platforms import PlatformError, parse_platform
 
 CLIENT_AUTH_MODES = ("optional", "required", "off")
 DOCKER_HUB_API = "https://registry-1.docker.io"
@@ -40,16 +43,20 @@ class Settings:
     job_timeout: int = 4 * 3600
     # How long a request waits for its preparation job before answering 504.
     prepare_timeout: float = 3600.0
-    # A running job whose heartbeat is older than this, or a queued job with no worker alive, is given up.
-    worker_lost_timeout: float = 60.0
+    # A worker whose heartbeat is older than this is dead: its job runs again on a live worker, its leftovers are
+    # removed; with no live worker for this long, a waiting request gets 504.
+    worker_lost_timeout: float = 15.0
+    # Redis calls retry (with backoff) for about this long before a request gets 503; shorter blips cost time only.
+    redis_outage_timeout: float = 10.0
     upstream_timeout: float = 30.0
     layer_concurrency: int = 3
     # Remember a failed resolution (404, refused credentials) this long; 0 turns it off.
     error_cache_seconds: float = 10.0
     # Serve a previously prepared tag when the registry is unreachable (with an X-Served-Stale header).
     serve_stale: bool = True
-    # Start the response (exact Content-Length) after this long even if the preparation is not done; 0: never.
-    prepare_grace: float = 20.0
+    # A cold GET waits this long for its preparation, then streams it as it is prepared (exact Content-Length);
+    # 0: never, the response waits for the whole preparation.
+    prepare_grace: float = 1.0
     worker_metrics_port: int = 9101  # 0: off
     log_json: bool = False
     # Evict least-recently-used layers when the store grows past this; 0 means unbounded.
@@ -71,6 +78,30 @@ class Settings:
     api_workers: int | None = None
     # Send layer bytes from the page cache with sendfile (zero-copy); false: read them and write them.
     zero_copy: bool = True
+    # Hosts that foreign (non-distributable) layers may be fetched from, by their descriptor's URLs: () = none,
+    # ("*",) = any host (the outbound policy still applies); ".example.com" allows its subdomains.
+    foreign_layer_hosts: tuple[str, ...] = ()
+    # --- the HTTP transport to registries (shared/upstream_http.py, shared/registry.py)
+    upstream_retries: int = 3  # further attempts after a failed one (connection errors, 408, 429, 5xx, cuts)
+    upstream_retry_after_max: float = 30.0  # a longer Retry-After is not waited for: the transfer fails at once
+    upstream_deadline: float = 60.0  # one transfer (token, manifest, config), retries and resumes included…
+    upstream_min_rate: int = 100 << 10  # …plus, for a layer blob, its size at this many bytes per second
+    resolve_timeout: float = 20.0  # a download's tag resolution, retries included (devices wait 30 s for headers)
+    upstream_max_redirects: int = 5
+    manifest_max_bytes: int = 4 << 20  # manifests and indexes (CNCF distribution refuses larger pushes)
+    config_max_bytes: int = 8 << 20
+    image_max_layers: int = 128  # Docker's overlay2 cannot run more than 125-128 layers
+    image_max_bytes: int = 32 << 30  # compressed (from the manifest) and unpacked (as it inflates)
+    # Hosts clients may name in /registry/... URLs (address_policy); REGISTRY_URL and REGISTRY_MIRROR are trusted.
+    registry_allowed_hosts: str = "public,private"
+    registry_ca_bundle: str | None = None  # extra CAs for every registry
+    registry_ca_bundles: str | None = None  # host[:port]=path,… extra CAs for one registry
+    registry_insecure_hosts: str | None = None  # host[:port],… whose TLS certificates are not verified
+    registry_mirror: str | None = None  # pull-through mirror asked first for Docker Hub pulls
+    # Outbound proxies, as curl and httpx read them (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY).
+    https_proxy: str | None = None
+    http_proxy: str | None = None
+    no_proxy: str | None = None
 
     @property
     def two_tier(self) -> bool:
@@ -115,10 +146,10 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}={env.get(name)!r} must be true or false")
 
 
-def _byte_size(env: Mapping[str, str], name: str) -> int:
+def _byte_size(env: Mapping[str, str], name: str, default: int = 0, *, zero_ok: bool = True) -> int:
     raw = (env.get(name) or "").strip()
     if not raw:
-        return 0
+        return default
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     number, unit = raw.rstrip("iBb").upper()[:-1], raw.rstrip("iBb").upper()[-1:]
     if unit.isdigit():
@@ -127,9 +158,26 @@ def _byte_size(env: Mapping[str, str], name: str) -> int:
         value = int(float(number) * units[unit])
     except (ValueError, KeyError, OverflowError):
         raise SettingsError(f"{name}={raw!r} is not a size (bytes, or with K/M/G/T, e.g. 50G)") from None
-    if value < 0:
-        raise SettingsError(f"{name}={raw!r} must not be negative")
+    if value < 0 or (value == 0 and not zero_ok):
+        raise SettingsError(f"{name}={raw!r} must be {'>= 0' if zero_ok else '> 0'}")
     return value
+
+
+_HOST_NAME_RE = re.compile(r"\.?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+def _foreign_layer_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = (env.get("ALLOW_FOREIGN_LAYERS") or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return ()
+    if raw in ("1", "true", "yes", "on", "*"):
+        return ("*",)
+    hosts = tuple(host.strip() for host in raw.split(",") if host.strip())
+    for host in hosts:
+        if not _HOST_NAME_RE.fullmatch(host):
+            raise SettingsError(f"ALLOW_FOREIGN_LAYERS: {host!r} is not a host name (true, false, or a comma-separated "
+                                "list of hosts such as mcr.microsoft.com,.blob.core.windows.net)")
+    return hosts
 
 
 def _http_url(name: str, value: str) -> str:
@@ -139,6 +187,70 @@ def _http_url(name: str, value: str) -> str:
     if parts.username or parts.password:
         raise SettingsError(f"{name} must not carry credentials in the URL; use REGISTRY_USERNAME/REGISTRY_PASSWORD")
     return value.rstrip("/")
+
+
+def _proxy_url(env: Mapping[str, str], *names: str) -> str | None:
+    """The first of `names` set (upper- then lowercase, as curl and httpx read them); checked, never echoed."""
+    for name in names:
+        for variant in (name, name.lower()):
+            value = (env.get(variant) or "").strip()
+            if not value:
+                continue
+            url = value if "://" in value else f"http://{value}"
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise SettingsError(f"{variant} must be an http:// or https:// proxy URL (SOCKS is not supported)")
+            return url
+    return None
+
+
+def _checked(name: str, raw: str | None, check) -> str | None:
+    """`raw` if `check(raw)` accepts it; SettingsError naming the variable otherwise."""
+    if raw:
+        try:
+            check(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{name}: {exc}") from None
+    return raw
+
+
+def _upstream(env: Mapping[str, str]) -> dict:
+    """The settings of the HTTP transport to registries."""
+    from docker_http_passthrough.shared.address_policy import parse_allowed_hosts
+    from docker_http_passthrough.shared.host_patterns import parse_host_list
+    from docker_http_passthrough.shared.tls_trust import check_ca_file, parse_ca_bundles
+
+    def ca_files(raw: str) -> None:
+        for _pattern, path in parse_ca_bundles(raw):
+            check_ca_file(path)
+
+    mirror = env.get("REGISTRY_MIRROR") or None
+    if mirror:
+        mirror = _http_url("REGISTRY_MIRROR", mirror)
+        if urlsplit(mirror).path:
+            raise SettingsError(f"REGISTRY_MIRROR={mirror!r} must be scheme://host[:port], without a path")
+    return dict(
+        upstream_retries=int(_number(env, "UPSTREAM_RETRIES", 3, kind=int, zero_ok=True)),
+        upstream_retry_after_max=_number(env, "UPSTREAM_RETRY_AFTER_MAX", 30.0, zero_ok=True),
+        upstream_deadline=_number(env, "UPSTREAM_DEADLINE", 60.0),
+        upstream_min_rate=_byte_size(env, "UPSTREAM_MIN_RATE", 100 << 10, zero_ok=False),
+        resolve_timeout=_number(env, "RESOLVE_TIMEOUT", 20.0),
+        upstream_max_redirects=int(_number(env, "UPSTREAM_MAX_REDIRECTS", 5, kind=int, zero_ok=True)),
+        manifest_max_bytes=_byte_size(env, "MANIFEST_MAX_BYTES", 4 << 20, zero_ok=False),
+        config_max_bytes=_byte_size(env, "CONFIG_MAX_BYTES", 8 << 20, zero_ok=False),
+        image_max_layers=int(_number(env, "IMAGE_MAX_LAYERS", 128, kind=int)),
+        image_max_bytes=_byte_size(env, "IMAGE_MAX_BYTES", 32 << 30, zero_ok=False),
+        registry_allowed_hosts=_checked("REGISTRY_ALLOWED_HOSTS", (env.get("REGISTRY_ALLOWED_HOSTS") or "").strip(),
+                                        parse_allowed_hosts) or "public,private",
+        registry_ca_bundle=_checked("REGISTRY_CA_BUNDLE", _optional(env, "REGISTRY_CA_BUNDLE"), check_ca_file),
+        registry_ca_bundles=_checked("REGISTRY_CA_BUNDLES", _optional(env, "REGISTRY_CA_BUNDLES"), ca_files),
+        registry_insecure_hosts=_checked("REGISTRY_INSECURE_HOSTS", _optional(env, "REGISTRY_INSECURE_HOSTS"),
+                                         parse_host_list),
+        registry_mirror=mirror,
+        https_proxy=_proxy_url(env, "HTTPS_PROXY", "ALL_PROXY"),
+        http_proxy=_proxy_url(env, "HTTP_PROXY", "ALL_PROXY"),
+        no_proxy=(env.get("NO_PROXY") or env.get("no_proxy") or "").strip() or None,
+    )
 
 
 # Over 60 lines: one reading of every variable, in one place, is easier to check than pieces of it.
@@ -176,9 +288,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     if (env.get("LOG_FORMAT") or "text").strip().lower() not in ("text", "json"):
         raise SettingsError(f"LOG_FORMAT={env.get('LOG_FORMAT')!r} must be text or json")
-    platform = env.get("PLATFORM") or "linux/amd64"
-    if not 2 <= len(platform.split("/")) <= 3 or not all(platform.split("/")):
-        raise SettingsError(f"PLATFORM={platform!r} must look like os/architecture[/variant]")
+    try:
+        platform = str(parse_platform(env.get("PLATFORM") or "linux/amd64"))
+    except PlatformError as exc:
+        raise SettingsError(f"PLATFORM: {exc}") from None
 
     return Settings(
         registry_url=registry_url,
@@ -197,12 +310,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         platform=platform,
         job_timeout=int(_number(env, "JOB_TIMEOUT", 4 * 3600, kind=int)),
         prepare_timeout=_number(env, "PREPARE_TIMEOUT", 3600.0),
-        worker_lost_timeout=_number(env, "WORKER_LOST_TIMEOUT", 60.0),
+        worker_lost_timeout=_number(env, "WORKER_LOST_TIMEOUT", 15.0),
+        redis_outage_timeout=_number(env, "REDIS_OUTAGE_TIMEOUT", 10.0),
         upstream_timeout=_number(env, "UPSTREAM_TIMEOUT", 30.0),
         layer_concurrency=int(_number(env, "LAYER_CONCURRENCY", 3, kind=int)),
         error_cache_seconds=_number(env, "ERROR_CACHE_SECONDS", 10.0, zero_ok=True),
         serve_stale=_flag(env, "SERVE_STALE", True),
-        prepare_grace=_number(env, "PREPARE_GRACE", 20.0, zero_ok=True),
+        prepare_grace=_number(env, "PREPARE_GRACE", 1.0, zero_ok=True),
         worker_metrics_port=_port(env, "WORKER_METRICS_PORT", 9101),
         log_json=(env.get("LOG_FORMAT") or "text").strip().lower() == "json",
         cache_max_bytes=_byte_size(env, "CACHE_MAX_BYTES"),
@@ -214,6 +328,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_cold_images=int(_number(env, "MAX_COLD_IMAGES", 32, kind=int, zero_ok=True)),
         api_workers=_api_workers(env),
         zero_copy=_flag(env, "ZERO_COPY", True),
+        foreign_layer_hosts=_foreign_layer_hosts(env),
+        **_upstream(env),
     )
 
 

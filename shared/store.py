@@ -7,20 +7,24 @@
     seen/<hash>                 "registry R serves blob D in repository P", confirmed with a request's credentials
     tags/<hash>                 the digest a tag last resolved to, for serving stale when the registry is down
     used/<hex>, leases/<hex>.*  last use and live readers of layers, for eviction (shared/eviction.py)
+    inflating/<hash>.inflating  how far a layer being inflated is written (shared/growing_layer.py)
 
 Sharing content between registries must not widen access: a stored blob or layer is used for (R, P) only
 after R confirmed it holds that blob for P, and a layer is reused for a blob digest only when that very blob
 was once verified to unpack to it (else anyone running a registry could name a private layer and read it).
 
 Every file is written to a temp file beside its final name, fsynced, then linked into place; a file that
-exists is never overwritten (another host may be reading it), and its content is the same anyway.
+exists is never overwritten (another host may be reading it), and its content is the same anyway. A temp
+file's name carries its writer's token (`owners`), so the leftovers of a writer that died can be told apart
+from a live writer's file and removed at once. A full volume raises StoreFull (507), and leaves no temp file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
-import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -29,9 +33,14 @@ from typing import BinaryIO, Iterator
 
 from docker_http_passthrough.shared.archive import LayerFile
 from docker_http_passthrough.shared.digests import digest_hex, name_hash, sha256_digest
+from docker_http_passthrough.shared.errors import StoreFull
+from docker_http_passthrough.shared.owners import TEMP_MARK, process_token, temp_name, temp_owned_by
 
-TEMP_MARK = ".partial-"
-_DIRS = ("blobs/sha256", "layers/sha256", "images", "links", "seen", "tags", "used", "leases")
+# A write that fails with one of these means the volume is full (or the quota used up).
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+log = logging.getLogger("docker_http_passthrough.store")
+_DIRS = ("blobs/sha256", "layers/sha256", "images", "links", "seen", "tags", "used", "leases", "inflating")
 
 
 @dataclass(frozen=True)
@@ -68,8 +77,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Store:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, owner: str | None = None):
         self.root = Path(root)
+        self.owner = owner or process_token()  # named in every temp file this process writes
         for sub in _DIRS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -87,19 +97,37 @@ class Store:
     @contextmanager
     def atomic_writer(self, final: Path) -> Iterator[BinaryIO]:
         """A temp file beside `final`; linked into place only if the body finishes without raising."""
-        temp = final.with_name(f"{final.name}{TEMP_MARK}{secrets.token_hex(6)}")
+        temp = final.with_name(temp_name(final.name, self.owner))
+        written = 0
         try:
             with open(temp, "xb") as handle:
-                yield handle
-                handle.flush()
-                os.fsync(handle.fileno())
+                try:
+                    yield handle
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                finally:
+                    written = os.fstat(handle.fileno()).st_size
             try:
                 os.link(temp, final)
             except FileExistsError:
                 pass  # same name, same content: someone else finished first
             _fsync_dir(final.parent)
+        except OSError as exc:
+            if exc.errno in FULL:
+                raise self._full(final, written) from None
+            raise
         finally:
             temp.unlink(missing_ok=True)
+
+    def _full(self, final: Path, written: int) -> StoreFull:
+        try:
+            volume = os.statvfs(self.root)
+            free = volume.f_bavail * volume.f_frsize
+        except OSError:
+            free = 0
+        return StoreFull(f"the store CACHE_DIR={self.root} is full ({free:,} bytes free) while writing "
+                         f"{final.parent.name}/{final.name}: free space on that volume, or set CACHE_MAX_BYTES "
+                         "below its size", written=written)
 
     def put_blob(self, digest: str, data: bytes) -> None:
         if sha256_digest(data) != digest:
@@ -151,9 +179,17 @@ class Store:
         except FileNotFoundError:
             pass
         # Tags move: this file alone is replaced (it is tiny and read whole, so no reader sees half of it).
-        temp = path.with_name(f"{path.name}{TEMP_MARK}{secrets.token_hex(6)}")
-        temp.write_text(digest)
-        os.replace(temp, path)
+        temp = path.with_name(temp_name(path.name, self.owner))
+        try:
+            temp.write_text(digest)
+            os.replace(temp, path)
+        except OSError as exc:
+            if exc.errno not in FULL:
+                raise
+            # Only stale serving needs it: a full volume must not fail a download over it.
+            log.warning("cannot remember tag %s of %s: the store's volume is full", tag, repository)
+        finally:
+            temp.unlink(missing_ok=True)
 
     def tag_digest(self, registry: str, repository: str, tag: str, platform: str) -> str | None:
         try:
@@ -205,18 +241,28 @@ class Store:
 
     # --- housekeeping
     def sweep_partials(self, min_age: float = 900.0) -> int:
-        """Remove temp files left by crashed writers; returns how many. Call at start-up.
+        """Remove temp files and progress records left by crashed writers; returns how many. Call at start-up.
 
-        Only files untouched for `min_age` seconds: a live writer on another host keeps its file's mtime fresh.
+        Only files untouched for `min_age` seconds: a live writer on another host keeps its files' mtimes fresh.
         """
         removed = 0
         cutoff = time.time() - min_age
         for sub in _DIRS:
             for path in (self.root / sub).iterdir():
                 try:
-                    if TEMP_MARK in path.name and path.stat().st_mtime < cutoff:
+                    if (TEMP_MARK in path.name or sub == "inflating") and path.stat().st_mtime < cutoff:
                         path.unlink()
                         removed += 1
                 except FileNotFoundError:
                     pass
+        return removed
+
+    def remove_abandoned(self, owner: str) -> int:
+        """Remove the temp files of `owner`, a writer known to be dead; returns how many."""
+        removed = 0
+        for sub in _DIRS:
+            for path in (self.root / sub).iterdir():
+                if temp_owned_by(path.name, owner):
+                    path.unlink(missing_ok=True)
+                    removed += 1
         return removed

@@ -94,6 +94,31 @@ def target_from_url(scheme: str, host: str) -> RegistryTarget:
     return RegistryTarget(f"{scheme}://{host.lower()}", host.lower())
 
 
+def _loopback(host: str) -> bool:
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] if ":" in host else host
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def target_for_reference(domain: str, default: RegistryTarget) -> RegistryTarget:
+    """The registry an image reference names (`/ref/<reference>.tar`), reached as `docker pull` would:
+    - the configured registry (`REGISTRY_URL`, by its host or its `REGISTRY_NAME`) exactly as configured —
+      scheme, token endpoint, and the settings' credentials;
+    - Docker Hub (any alias);
+    - any other host over HTTPS, except loopback hosts (localhost, 127.0.0.0/8, [::1]) over plain HTTP, as
+      Docker allows by default. (A plain-HTTP registry elsewhere: the /registry/http/… routes.)"""
+    host = domain.lower()
+    if host in DOCKER_HUB_HOSTS:
+        return default if default.is_docker_hub else docker_hub_target()
+    if host in (default.name.lower(), urlsplit(default.api_url).netloc.lower()):
+        return default
+    return target_from_url("http" if _loopback(host) else "https", host)
+
+
 def target_from_settings(settings: Settings) -> RegistryTarget:
     parts = urlsplit(settings.registry_url)
     host = parts.netloc.lower()

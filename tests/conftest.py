@@ -6,6 +6,7 @@ pytest_plugins = [
     "tests.support.service_fixtures",
     "tests.support.spans",
     "tests.support.token_fixtures",
+    "tests.support.deploy_fixtures",
 ]
 
 
@@ -18,6 +19,15 @@ def _fresh_session_registry_proxy(request):
     if "registry" in request.fixturenames:
         request.getfixturevalue("registry").proxy.reset()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _loopback_registries_allowed(monkeypatch):
+    """Jobs run in this process read their settings from os.environ: let them reach the loopback test registries
+    (tests of REGISTRY_ALLOWED_HOSTS itself pass their own value)."""
+    from tests.support.services import TEST_ALLOWED_HOSTS
+
+    monkeypatch.setenv("REGISTRY_ALLOWED_HOSTS", TEST_ALLOWED_HOSTS)
 
 
 @pytest.fixture

@@ -224,3 +224,27 @@ def test_cross_registry_own_blob_with_victims_diff_id(mode, stack, token_registr
     result = get(image_url(running.url, registry.host, unique_repo, "v1"))
     assert result.status == 502 and "diff_id" in result.json()["message"]
     assert layer.tar not in result.body
+
+
+def test_two_tier_without_credentials_key_prepares_client_credentials_in_the_api(stack, token_registry,
+                                                                                 private_image):
+    """No CREDENTIALS_KEY: a /registry-auth download still works; the preparation runs in the API process, so
+    the client's credentials reach neither a worker nor Redis. Requests without them still go to the workers."""
+    repo, layer = private_image
+    public = token_registry.repo("public")
+    token_registry.registry.push_image(public, "v1", [make_layer({"p": b"public, prepared by a worker"})])
+    running = stack("two-tier", env={"LOG_LEVEL": "debug"})
+    assert "CREDENTIALS_KEY is not set" in running.server.log_text()
+
+    result = get(image_url(running.url, token_registry.host, repo, "v1", route="registry-auth"), auth=ALICE)
+    assert result.status == 200, result.body[:300]
+    assert [m for n, m in tar_members(result.body).items() if n.endswith("layer.tar")] == [layer.tar]
+    assert token_registry.tokens.count(username="alice") >= 1
+    client = redis.Redis.from_url(running.redis.url)
+    assert list(client.scan_iter("rq:job:*")) == []  # no job: it ran in the API
+    assert "prepared" not in "".join(w.log_text() for w in running.workers)
+
+    assert get(image_url(running.url, token_registry.host, public, "v1")).status == 200
+    assert len(list(client.scan_iter("rq:job:*"))) == 1  # the anonymous one went to a worker
+    secrets = [b"wonderland", base64.b64encode(b"alice:wonderland"), b"eyJ"]
+    assert _scan_for_secrets(running, secrets) == []

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.e2e
 ROUTE = "GET /registry/{scheme}/{host}/docker/{filename}"
 ROUTE_TEMPLATE = "/registry/{scheme}/{host}/docker/{filename}"
 SERVER, CLIENT = 2, 3  # OTLP SpanKind values
+# The manifest and config GETs are the API's (resolving a single-platform image checks its config's platform).
 WORKER_SPANS = {"prepare_image", "fetch_config_blob", "download_layer_0", "write_layer_tar_0", "download_layer_1",
-                "write_layer_tar_1", "GET /v2/{repository}/blobs/{digest}", "GET /v2/{repository}/manifests/{reference}"}
+                "write_layer_tar_1", "GET /v2/{repository}/blobs/{digest}"}
 
 
 def chain(span: ReceivedSpan, spans: list[ReceivedSpan]) -> list[str]:
@@ -73,6 +74,7 @@ def test_spans_of_both_tiers_reach_an_otlp_collector_in_one_trace(stack, registr
         "OTEL_BSP_SCHEDULE_DELAY": "200",  # the API's batch exporter sends within 0.2 s, not 5 s
         "LOG_FORMAT": "json",
         "WORKER_METRICS_PORT": "0",
+        "PREPARE_GRACE": "0",  # the API waits for the worker (an early start would add its size probes' spans)
     }
     running = stack("two-tier", workers=0, env=env)
     # The worker's batch exporter would wait a minute: only the flush before the work horse's os._exit() can deliver
@@ -103,7 +105,10 @@ def test_spans_of_both_tiers_reach_an_otlp_collector_in_one_trace(stack, registr
     api_names = {s.name for s in mine if s.tier == "api"}
     assert {"parse_image_request", "extract_registry_client_credentials", "resolve_manifest",
             "HEAD /v2/{repository}/manifests/{reference}", "wait_for_preparation"} <= api_names
-    assert not api_names & {"prepare_image", "GET /v2/{repository}/blobs/{digest}"}, "the API downloads nothing"
+    assert "prepare_image" not in api_names and "GET /v2/{repository}/manifests/{reference}" in api_names
+    api_blobs = [s for s in mine if s.tier == "api" and s.name == "GET /v2/{repository}/blobs/{digest}"]
+    assert [s.attributes["url.full"].rsplit("/", 1)[1] for s in api_blobs] == [image.config_digest], \
+        "the API reads the config (to check the platform), never a layer"
     for span in mine:
         assert chain(span, mine)[-1] == ROUTE, chain(span, mine)
     prepared = next(s for s in mine if s.name == "prepare_image")
@@ -189,14 +194,19 @@ def test_metrics_after_a_cold_and_a_warm_download(mode, stack, registry, unique_
         assert value(api, "dhp_jobs_in_flight") == 0
         return
 
-    # Two-tier: the API only resolved; the worker downloaded, and says so on its own port.
+    # Two-tier: the API resolved (for a single-platform image that reads the manifest and the config, to check
+    # its platform); the worker downloaded the layers, and says so on its own port.
     assert value(api, "dhp_queue_depth") == 0
-    assert not value(api, "dhp_upstream_requests_total", operation="blob_get", status="200")
+    assert value(api, "dhp_upstream_requests_total", operation="blob_get", status="200") == 1
+    assert value(api, "dhp_upstream_requests_total", operation="manifest_get", status="200") == 1
     assert not value(api, "dhp_prepare_duration_seconds_count")
     worker = scrape(f"http://127.0.0.1:{worker_port}/metrics")
-    assert total(worker, "dhp_upstream_requests_total", operation="blob_get", status="200") == blobs
-    assert total(worker, "dhp_upstream_requests_total", operation="manifest_get", status="200") == 1
+    assert total(worker, "dhp_upstream_requests_total", operation="blob_get", status="200") == blobs - 1
+    assert not total(worker, "dhp_upstream_requests_total", operation="manifest_get", status="200")
     assert total(worker, "dhp_prepare_duration_seconds_count") == 1
+    # Every blob byte received (a resumed or repeated byte would count again): the API read the config, the
+    # worker the layers.
+    assert value(api, "dhp_upstream_bytes_total") == len(image.config)
     assert total(worker, "dhp_upstream_bytes_total") == sum(layer.size for layer in image.layers)
     assert total(worker, "dhp_jobs_in_flight") == 0
 

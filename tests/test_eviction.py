@@ -105,3 +105,21 @@ async def test_a_process_holds_one_lease_per_layer_whatever_its_downloads(store)
     assert list(leases.iterdir()) == []
     assert used.stat().st_mtime_ns >= first_use  # the last use is when the last download ended
     assert sorted(evict(store, 1)) == sorted(d.removeprefix("sha256:") for d in (one, two))
+def test_leases_carry_their_holders_token_and_a_dead_holders_go_at_once(store):
+    layer = _layer(store, b"l" * 1000, 10)
+    dead = Store(store.root, owner="dead0123")
+    eviction.Leases(dead, [layer]).refresh(force=True)  # then SIGKILLed: never released
+    with leased(store, [layer]) as mine:
+        assert all(f".{store.owner}-" in path.name for path in mine.paths)
+        assert eviction.remove_leases_of(store, "dead0123") == 1
+        assert [p.name for p in (store.root / "leases").iterdir()] == [p.name for p in mine.paths]
+
+
+def test_making_room_on_a_full_volume_frees_at_least_what_is_wanted(store):
+    old = _layer(store, b"o" * 1000, 300)
+    middle = _layer(store, b"m" * 1000, 200)
+    recent = _layer(store, b"r" * 1000, 10)
+    assert evict(store, 10**9) == []  # under CACHE_MAX_BYTES...
+    assert evict(store, 10**9, free=1500) == [old.removeprefix("sha256:"), middle.removeprefix("sha256:")]
+    assert store.has_layer(recent)
+    assert evict(store, 0, free=1500) == [], "without CACHE_MAX_BYTES nothing is evicted"

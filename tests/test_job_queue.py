@@ -1,12 +1,14 @@
 """shared.job_queue against the installed RQ and a real redis-server: starting, joining and replacing jobs, the
-lost-job rule, live workers and queue depth — and a job queued under the function's pre-rename name running on
-a current worker (an upgrade with jobs in the queue)."""
+lost-job rule and running a lost job again, live workers (by heartbeat), burying a dead worker's registration,
+queue depth — and a job queued under the function's pre-rename name running on a current worker (an upgrade
+with jobs in the queue)."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -14,9 +16,10 @@ import pytest
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from docker_http_passthrough.shared.job_queue import START_GRACE, PreparationJob, PreparationQueue
+from docker_http_passthrough.shared.job_queue import MAX_RERUNS, START_GRACE, PreparationJob, PreparationQueue
 from docker_http_passthrough.shared.jobs import JOB_FUNCTION, LEGACY_JOB_FUNCTIONS, JobSpec
-from docker_http_passthrough.shared.jobs import credentials_key, heartbeat_key, outcome_key
+from docker_http_passthrough.shared.jobs import credentials_key, heartbeat_key, outcome_key, progress_key
+from docker_http_passthrough.shared.presence import SILENT_AFTER
 from docker_http_passthrough.shared.store import Store
 from docker_http_passthrough.worker import jobs as worker_jobs
 from tests.support.images import make_layer
@@ -78,15 +81,13 @@ def test_lost_rule(queue):
     assert not look.lost and look.outcome == {"ok": True}, "it reported: done, not lost"
 
 
-@pytest.mark.parametrize("how", ["failed", "lost", "reported"])
+@pytest.mark.parametrize("how", ["failed", "reported"])
 def test_a_job_that_will_not_report_is_replaced(queue, how):
     start(queue, {"traceparent": "first"})
     job_id = SPEC.job_id
     old = Job.fetch(job_id, connection=queue.connection)
     if how == "failed":
         old.set_status(JobStatus.FAILED)
-    elif how == "lost":
-        mark_started(queue, job_id, seconds_ago=START_GRACE * 3)
     else:
         queue.connection.set(outcome_key(job_id), json.dumps({"ok": False, "error": "x", "status": 502,
                                                               "message": "x"}))
@@ -97,18 +98,88 @@ def test_a_job_that_will_not_report_is_replaced(queue, how):
     assert queue.depth() == 1
 
 
+def test_a_lost_job_is_joined_until_its_loss_is_confirmed(queue):
+    """After a Redis outage every heartbeat has expired: a new request must not replace a job whose worker is
+    about to beat again; rerun_if_lost (after LOSS_CONFIRMED_AFTER) is the one way a lost job runs again."""
+    start(queue, {"traceparent": "first"})
+    mark_started(queue, SPEC.job_id, seconds_ago=START_GRACE * 3)
+    assert queue.look(SPEC.job_id).lost
+    assert start(queue, {"traceparent": "second"}) == {"traceparent": "first"}
+    assert queue.look(SPEC.job_id).status == JobStatus.STARTED and queue.depth() == 1, "nothing more enqueued"
+
+
 def test_nothing_is_enqueued_for_a_prepared_image(queue):
     assert queue.start(SPEC, sealed=None, trace={}, job_timeout=600, prepared=lambda: True) is None
     assert queue.depth() == 0 and queue.look(SPEC.job_id).status is None
 
 
-def test_live_workers_are_those_whose_registration_has_not_expired(queue):
+def test_a_lost_job_runs_again_once_with_its_arguments_trace_and_credentials(queue):
+    client_spec = JobSpec(**{**SPEC.as_kwargs(), "credential_source": "client"})
+    start(queue, {"traceparent": "first"}, client_spec, sealed=b"sealed bytes")
+    job_id = SPEC.job_id
+    first = Job.fetch(job_id, connection=queue.connection)
+    mark_started(queue, job_id, seconds_ago=START_GRACE * 3)
+    queue.connection.hset(progress_key(job_id), "layers_done", 1)
+
+    look = queue.rerun_if_lost(job_id)
+    rerun = Job.fetch(job_id, connection=queue.connection)
+    assert look.status == JobStatus.QUEUED and look.running_or_waiting and look.trace == {"traceparent": "first"}
+    assert rerun.kwargs == client_spec.as_kwargs() and rerun.timeout == first.timeout
+    assert rerun.meta["reruns"] == 1 and rerun.meta["run"] != first.meta["run"]
+    assert queue.connection.get(credentials_key(job_id)) == b"sealed bytes", "the rerun needs them"
+    assert not queue.connection.exists(progress_key(job_id))
+    assert queue.depth() == 1
+    # Anyone else who noticed the loss finds the rerun: nothing more is enqueued.
+    assert queue.rerun_if_lost(job_id).status == JobStatus.QUEUED
+    assert Job.fetch(job_id, connection=queue.connection).meta["run"] == rerun.meta["run"] and queue.depth() == 1
+
+
+def test_a_job_that_keeps_losing_its_workers_fails_for_good(queue):
+    start(queue, {})
+    job_id = SPEC.job_id
+    for _ in range(MAX_RERUNS):
+        mark_started(queue, job_id, seconds_ago=START_GRACE * 3)
+        queue.rerun_if_lost(job_id)
+    mark_started(queue, job_id, seconds_ago=START_GRACE * 3)
+    look = queue.rerun_if_lost(job_id)
+    assert look.status is None and look.outcome["error"] == "worker_lost" and look.outcome["status"] == 504
+    assert f"{MAX_RERUNS + 1} times" in look.outcome["message"] and queue.depth() == 0
+    assert start(queue, {}) is None and queue.look(job_id).status == JobStatus.QUEUED, "a new request starts over"
+
+
+def test_live_workers_are_those_whose_heartbeat_is_recent(queue):
     assert queue.live_workers() == 0
+    killed = queue.worker("killed")
+    killed.register_birth()  # RQ keeps this for the job's whole timeout after a SIGKILL: it must not count
+    queue.presence.beat("killed", QUEUE, ttl=0.3)
+    queue.presence.beat("alive", QUEUE, ttl=60)
+    queue.presence.beat("other-queue", "another", ttl=60)
+    assert queue.live_workers() == 2
+    time.sleep(0.4)
+    assert queue.live_workers() == 1 and queue.presence.dead() == ["killed"]
+
+    # Silent for longer than SILENT_AFTER (it beats every second): not running, though not yet given up for dead.
+    queue.presence.beat("stalled", QUEUE, ttl=60)
+    queue.connection.pexpire("dhp:alive:stalled", int((60 - SILENT_AFTER - 1) * 1000))
+    assert queue.live_workers() == 1 and queue.presence.dead() == ["killed"]
+
+    queue.bury("killed")
+    queue.presence.leave("stalled")
+    assert queue.presence.dead() == []
+    assert killed.key.encode() not in queue.connection.smembers("rq:workers")
+    assert queue.connection.hexists(killed.key, "death") and queue.connection.ttl(killed.key) <= 60
+    queue.presence.leave("alive")
+    assert queue.live_workers() == 0
+
+
+def test_a_worker_that_redis_forgot_registers_again(queue):
     worker = queue.worker("w1")
+    assert not queue.stay_registered(worker), "not before the worker registered itself"
     worker.register_birth()
-    assert queue.live_workers() == 1
-    queue.connection.delete(worker.key)  # what its expiry does when it dies without a word
-    assert queue.live_workers() == 0
+    assert not queue.stay_registered(worker)
+    queue.connection.flushdb()  # a restart without persistence
+    assert queue.stay_registered(worker)
+    assert worker.key.encode() in queue.connection.smembers("rq:workers")
     worker.register_death()
 
 

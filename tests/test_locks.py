@@ -1,7 +1,7 @@
 """shared.locks: one holder per name at a time, in process and across processes: file locks (embedded mode,
 several API processes; a killed holder frees its name at once), and on a real Redis, where a live holder keeps
-its lock past the ttl and a crashed one frees it within the ttl. api.job_files: an embedded preparation seen
-from another process (its progress, its failure)."""
+its lock past the ttl (also through a Redis restart) and a crashed one frees it within the ttl. api.job_files: an
+embedded preparation seen from another process (its progress, its failure)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from docker_http_passthrough.api.job_files import JobFiles
 from docker_http_passthrough.shared.errors import NotFound
 from docker_http_passthrough.shared.jobs import Progress
 from docker_http_passthrough.shared.locks import FileLocks, LocalLocks, RedisLocks
+from docker_http_passthrough.shared.redis_clients import async_client
+from docker_http_passthrough.shared.settings import Settings
 
 TTL = 1.0
 
@@ -150,3 +152,17 @@ async def test_job_files_show_another_process_progress_and_failure(tmp_path):
     assert results[1].status == 404 and results[1].code == results[0].code
     state, error = files.look("job-b")
     assert state == "failed" and error["status"] == 404 and "no such tag" in error["message"]
+async def test_a_redis_lock_holder_rides_out_a_restart_of_redis(redis_server):
+    """Redis restarts (with its data) while a lock is held: the holder's renewals and release go on; the work
+    under the lock is not failed by the blip."""
+    settings = Settings(redis_url=redis_server.url, redis_outage_timeout=5)
+    client = async_client(settings)
+    try:
+        locks = RedisLocks(client, ttl=3, poll=0.05)
+        async with locks.hold("blob-z"):
+            await asyncio.to_thread(redis_server.restart, 0.6)
+            await asyncio.sleep(1.5)  # a renewal after the restart
+            assert await client.exists("dhp:lock:blob-z")
+        assert await client.keys("dhp:lock:*") == []
+    finally:
+        await client.aclose()

@@ -9,6 +9,7 @@ import pytest
 
 from docker_http_passthrough.shared import manifest as mf
 from docker_http_passthrough.shared.errors import NotFound, Unsupported
+from docker_http_passthrough.shared.platforms import parse_platform
 from tests.support.testdata import OCI_INDEX_WITH_ATTESTATIONS, SCHEMA1, SCHEMA1_MEDIA_TYPE
 
 ATTESTATION = "attestation-manifest"
@@ -40,17 +41,19 @@ def test_select_platform_picks_the_image_never_its_attestation(platform, archite
     images = _entries(index, False)
     if attestations_first:  # position must not matter
         index["manifests"] = _entries(index, True) + images
-    chosen = mf.select_platform(json.dumps(index).encode(), platform)
+    chosen = mf.select_platform(json.dumps(index).encode(), parse_platform(platform))
     wanted = next(entry for entry in images if entry["platform"]["architecture"] == architecture)
     assert chosen == mf.Descriptor(wanted["mediaType"], wanted["digest"], wanted["size"])
 
 
-@pytest.mark.parametrize("platform", ["linux/arm/v7", "linux/s390x", "unknown/unknown"])
+@pytest.mark.parametrize("platform", ["linux/arm/v7", "linux/s390x", "unknown/unknown", "linux/arm64/v9"])
 def test_a_platform_the_index_lacks_is_not_found_and_attestations_are_not_offered(platform):
     with pytest.raises(NotFound) as info:
-        mf.select_platform(OCI_INDEX_WITH_ATTESTATIONS.read_bytes(), platform)
+        mf.select_platform(OCI_INDEX_WITH_ATTESTATIONS.read_bytes(), parse_platform(platform))
     assert info.value.code == "platform_not_found" and info.value.status == 404
     assert info.value.message.endswith("(offered: linux/amd64, linux/arm64/v8)"), info.value.message
+    # The JSON a user gets lists them as a field too, spelled as the registry spells them.
+    assert info.value.to_dict()["platforms"] == ["linux/amd64", "linux/arm64/v8"]
 
 
 def test_schema1_manifest_is_refused_with_advice():

@@ -67,9 +67,9 @@ def page(browser, page_server):
 # -- one set of rules in three places ---------------------------------------------------------------------------
 
 
-def _server_reads(url: str, default_registry: str | None, namespace: str | None, app_for) -> tuple[str, str, str, str]:
-    """What the server's routing and parser make of a URL: (registry, scheme, repository, tag). The server's own
-    registry (REGISTRY_URL) is `default_registry`, for /docker/ URLs."""
+def _server_reads(url: str, default_registry: str | None, namespace: str | None, app_for) -> tuple:
+    """What the server's routing and parser make of a URL: (registry, scheme, repository, tag, digest, platform).
+    The server's own registry (REGISTRY_URL) is `default_registry`, for /docker/ URLs."""
     path = urlsplit(url).path
     app = app_for(default_registry, namespace)
     scope = {"type": "http", "method": "GET", "path": unquote(path), "raw_path": path.encode(), "root_path": "",
@@ -83,7 +83,8 @@ def _server_reads(url: str, default_registry: str | None, namespace: str | None,
     else:
         raise AssertionError(f"no route matches {path}")
     wanted = parse_image_request(Request(scope))
-    return wanted.target.name, wanted.target.api_url.split(":", 1)[0], wanted.image.repository, wanted.image.tag
+    return (wanted.target.name, wanted.target.api_url.split(":", 1)[0], wanted.image.repository, wanted.image.tag,
+            wanted.image.digest, str(wanted.platform))
 
 
 def _apps(tmp_path: Path):
@@ -138,19 +139,27 @@ def test_page_cli_and_server_agree_on_generated_references(page, tmp_path):
         if result["url"] is None:
             continue
         default = None if case.registry_in_url else result["registry"]
-        registry, scheme, repository, tag = _server_reads(result["url"], default, case.default_namespace, app_for)
-        assert (registry, repository, tag) == (result["registry"], result["repository"], result["tag"]), case
+        registry, scheme, repository, tag, digest, platform = _server_reads(result["url"], default,
+                                                                            case.default_namespace, app_for)
+        assert (registry, repository, tag, digest) == (result["registry"], result["repository"], result["tag"],
+                                                       result["digest"]), case
+        assert platform == (result["platform"] or "linux/amd64"), case  # the URL's, else the server's PLATFORM
         if case.registry_in_url:
             loopback = re.fullmatch(r"(localhost|127\.[0-9.]+|\[::1\])(:[0-9]+)?", registry) is not None
             plain = registry != "docker.io" and (loopback or case.insecure_registry)
             assert scheme == ("http" if plain else "https"), (case, scheme)
 
-    rules = Counter(result["problem"]["rule"] for result in python if result["problem"])
+    # A rule a filename cannot say is served through /ref/ (filename_problem), else it is the problem.
+    rules = Counter(result["problem"]["rule"] if result["problem"] else result["filename_problem"]
+                    for result in python if result["problem"] or result["filename_problem"])
     served = sum(result["url"] is not None for result in python)
-    assert served >= 120 and checked_cli >= 200, (served, checked_cli)
+    by_ref = sum(result["route"] == "ref" for result in python)
+    platformed = sum(result["platform"] is not None and result["url"] is not None for result in python)
+    assert served >= 120 and checked_cli >= 200 and by_ref >= 30 and platformed >= 30, (
+        served, checked_cli, by_ref, platformed)
     for rule in ("tag_underscore", "digest", "uppercase", "invalid_registry", "invalid_tag", "invalid_component",
                  "component_double_underscore", "single_component", "single_component_underscore", "empty_reference",
-                 "invalid_digest", "name_too_long"):
+                 "invalid_digest", "name_too_long", "invalid_platform"):
         assert rules[rule], f"the generator produced no case of {rule}: {rules}"
 
 
@@ -229,8 +238,7 @@ def test_prewarm_button_shows_progress_then_size_and_etag(page, page_server, reg
 def test_bad_references_and_failed_prewarm_say_why(page, registry, unique_repo, screenshot):
     cases = {
         "Nginx:latest": "use lowercase",
-        "nginx:1.0_beta": 'contains "_"',
-        "nginx@sha256:" + "ab" * 32: "digest pin cannot be expressed",
+        "nginx@sha512:" + "cd" * 64: "sha256 digests only",
         "ghcr.io/my-org/app:1.0": "this server's own registry is",
         "registry.example.com:99999/app": "port must be 1-65535",
     }
@@ -241,6 +249,20 @@ def test_bad_references_and_failed_prewarm_say_why(page, registry, unique_repo, 
         assert page.is_disabled("#prewarm")
     page.fill("#ref", "Nginx:latest")
     screenshot(page, "5-bad-reference")
+
+    # What a filename cannot say (a tag with "_", a digest) is served through /ref/, behind the chosen platform.
+    page.select_option("#platform", "linux/arm64")
+    for reference, path, rule in (
+            ("nginx:1.0_beta", "/platform/linux/arm64/ref/docker.io/library/nginx:1.0_beta.tar", "tag_underscore"),
+            ("nginx@sha256:" + "ab" * 32, f"/platform/linux/arm64/ref/docker.io/library/nginx@sha256:{'ab' * 32}.tar",
+             "digest")):
+        page.fill("#ref", reference)
+        assert page.is_visible("#output") and not page.is_visible("#problem"), reference
+        assert urlsplit(page.text_content("#url")).path == path
+        assert f"cannot say this reference ({rule})" in page.text_content("#notes")
+        assert "for linux/arm64 through" in page.text_content("#ios")
+    screenshot(page, "7-ref-route-arm64")
+    page.select_option("#platform", "")
 
     page.fill("#ref", f"{registry.host}/{unique_repo}:missing")
     page.click("#prewarm")

@@ -22,7 +22,7 @@ from docker_http_passthrough.shared import manifest as mf
 from docker_http_passthrough.shared.errors import InvalidContent, NotFound
 from docker_http_passthrough.shared.jobs import image_key
 from docker_http_passthrough.shared.layer_download import fetch_layer
-from docker_http_passthrough.shared.layer_sink import LayerSink
+from docker_http_passthrough.shared.layer_sink import LayerSink, zstd
 from docker_http_passthrough.shared.locks import LocalLocks
 from docker_http_passthrough.shared.prepare import prepare_image
 from docker_http_passthrough.shared.registry import Registries, RegistryClient
@@ -112,11 +112,11 @@ def client(http: Registries, host: str = "reg.example") -> RegistryClient:
 # --- LayerSink
 
 
-def run_sink(blob: bytes, cuts: list[int] = ()) -> tuple[bytes, str | None, LayerSink]:
+def run_sink(blob: bytes, cuts: list[int] = (), compression: str = "gzip") -> tuple[bytes, str | None, LayerSink]:
     """Feed `blob` split at `cuts`, then finish. Returns (tar bytes, refusal, sink): the refusal however the sink
-    reports it, raised (InvalidContent) or remembered for fetch_layer (`gzip_error`)."""
+    reports it, raised (InvalidContent) or remembered for fetch_layer (`inflate_error`)."""
     out = io.BytesIO()
-    sink = LayerSink(out, gzip=True)
+    sink = LayerSink(out, compression)
     try:
         previous = 0
         for cut in [*cuts, len(blob)]:
@@ -125,7 +125,7 @@ def run_sink(blob: bytes, cuts: list[int] = ()) -> tuple[bytes, str | None, Laye
         sink.finish()
     except InvalidContent as exc:
         return out.getvalue(), str(exc), sink
-    return out.getvalue(), getattr(sink, "gzip_error", None), sink
+    return out.getvalue(), sink.inflate_error, sink
 
 
 @pytest.mark.parametrize("step", [len(MULTI_BLOB), 4096, 7, 1])
@@ -196,10 +196,10 @@ def test_sink_bounds_each_inflate_step(monkeypatch):
         def write(self, data: bytes) -> None:
             writes.append(len(data))
 
-    sink = LayerSink(Out(), gzip=True)
+    sink = LayerSink(Out(), "gzip")
     sink.feed(gz(bomb) + gz(b"tail"))
     sink.finish()
-    assert getattr(sink, "gzip_error", None) is None
+    assert sink.inflate_error is None
     assert sum(writes) == len(bomb) + 4
     assert max(writes) <= 64 << 10
     assert "sha256:" + sink.tar_hash.hexdigest() == sha(bomb + b"tail")
@@ -225,6 +225,73 @@ def test_sink_refuses_garbage_after_last_member():
     assert error is not None
 
 
+# --- LayerSink, zstd
+
+
+def zst(data: bytes, options: dict | None = None) -> bytes:
+    return zstd.compress(data, options=options)
+
+
+def skippable(payload: bytes, magic: int = 0x184D2A50) -> bytes:
+    """A zstd skippable frame (magic 0x184D2A50..5F, 4-byte length, payload): decoders pass over it."""
+    return magic.to_bytes(4, "little") + len(payload).to_bytes(4, "little") + payload
+
+
+# Two frames with a skippable frame before, between and after them, as a seekable-format or annotating writer
+# might leave them; the first frame carries a content checksum.
+ZSTD_BLOB = (skippable(b"head") + zst(TAR_A, options={zstd.CompressionParameter.checksum_flag: 1})
+             + skippable(b"", 0x184D2A5F) + zst(TAR_B) + skippable(b"tail" * 3))
+
+
+def test_sink_inflates_multi_frame_zstd_with_skippable_frames_at_every_split_point():
+    assert zstd.decompress(ZSTD_BLOB) == MULTI_TAR  # the reference decoder agrees on what it holds
+    for split in range(len(ZSTD_BLOB) + 1):
+        tar, error, sink = run_sink(ZSTD_BLOB, [split], "zstd")
+        assert (tar, error) == (MULTI_TAR, None), split
+    for step in (1, 7, 4096):
+        tar, error, sink = run_sink(ZSTD_BLOB, list(range(step, len(ZSTD_BLOB), step)), "zstd")
+        assert (tar, error) == (MULTI_TAR, None), step
+        assert "sha256:" + sink.tar_hash.hexdigest() == sha(MULTI_TAR)
+        assert (sink.blob_size, sink.tar_size) == (len(ZSTD_BLOB), len(MULTI_TAR))
+
+
+def test_sink_bounds_each_zstd_step(monkeypatch):
+    monkeypatch.setattr(layer_sink, "INFLATE_STEP", 64 << 10)
+    bomb = b"\0" * (3 << 20)
+    blob = zst(bomb) + zst(b"tail")
+    assert len(blob) < 1000  # a thousand-fold expansion: all of it in one call would be the bomb
+    writes: list[int] = []
+
+    class Out:
+        def write(self, data: bytes) -> None:
+            writes.append(len(data))
+
+    sink = LayerSink(Out(), "zstd")
+    sink.feed(blob)
+    sink.finish()
+    assert sink.inflate_error is None
+    assert sum(writes) == len(bomb) + 4 and max(writes) <= 64 << 10
+    assert "sha256:" + sink.tar_hash.hexdigest() == sha(bomb + b"tail")
+
+
+ZSTD_REFUSALS = {
+    "middle": lambda: zst(TAR_A)[: len(zst(TAR_A)) // 2],
+    "last_byte": lambda: ZSTD_BLOB[: len(ZSTD_BLOB) - len(skippable(b"tail" * 3)) - 1],
+    "inside_a_skippable_frame": lambda: ZSTD_BLOB[:-3],
+    "garbage_after": lambda: zst(TAR_A) + b"not zstd at all",
+    "zero_padding": lambda: zst(TAR_A) + b"\0" * 8,  # unlike gzip, no zstd writer pads: refused
+    "gzip_as_zstd": lambda: gz(TAR_A),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ZSTD_REFUSALS))
+def test_sink_refuses_broken_zstd_wherever_it_is_cut(case: str):
+    blob = ZSTD_REFUSALS[case]()
+    for cuts in ([], [len(blob) // 3], list(range(5, len(blob), 5))):
+        _, error, _ = run_sink(blob, cuts, "zstd")
+        assert error is not None and "zstd" in error, (case, cuts[:3], error)
+
+
 # --- fetch_layer
 
 
@@ -239,6 +306,20 @@ async def test_fetch_layer_stores_a_multi_member_gzip_layer_as_one_tar(store: St
     assert store.layer_path(layer.diff_id).read_bytes() == MULTI_TAR
     assert store.linked_diff_id(layer.descriptor.digest) == layer.diff_id
     assert store.seen("https://reg.example", REPO, layer.descriptor.digest)
+    assert partials(store) == []
+
+
+@pytest.mark.anyio
+async def test_fetch_layer_stores_a_zstd_layer_as_its_plain_tar(store: Store):
+    layer = Layer(ZSTD_BLOB, sha(MULTI_TAR), "application/vnd.oci.image.layer.v1.tar+zstd")
+    fake = FakeRegistry(chunk=777)
+    fake.blobs[layer.descriptor.digest] = ZSTD_BLOB
+    async with fake.http() as http:
+        size = await fetch_layer(client(http), store, layer.descriptor, layer.diff_id)
+        with pytest.raises(InvalidContent, match="invalid diff_id"):
+            await fetch_layer(client(http), store, layer.descriptor, sha(TAR_A))
+    assert size == len(MULTI_TAR) and store.layer_path(layer.diff_id).read_bytes() == MULTI_TAR
+    assert store.linked_diff_id(layer.descriptor.digest) == layer.diff_id
     assert partials(store) == []
 
 

@@ -50,10 +50,24 @@ def test_prewarm_warms_every_image_and_names_each_failure(mode, stack, registry,
     assert registry.proxy.count("GET", kind="blob") == 0  # already prepared: nothing downloaded again
 
 
-def test_prewarm_refuses_a_platform_the_server_does_not_prepare(stack, registry):
+def test_prewarm_warms_the_platform_asked_for_and_names_the_ones_an_image_has(stack, registry, unique_repo):
+    arm = registry.push_image(unique_repo, None, [make_layer({"arch": b"arm64"})], architecture="arm64")
+    amd = registry.push_image(unique_repo, None, [make_layer({"arch": b"amd64"})])
+    registry.push_index(unique_repo, "multi", [(arm, {"os": "linux", "architecture": "arm64"}),
+                                               (amd, {"os": "linux", "architecture": "amd64"})])
     running = stack("embedded", env={"REGISTRY_URL": registry.url})
-    run = run_cli(["prewarm", "--server", running.url, "--platform", "linux/arm64", f"{registry.host}/x:1"], {})
-    assert run.returncode == 2 and "prepares linux/amd64 images" in run.stderr and "PLATFORM=linux/arm64" in run.stderr
+    ref = f"{registry.host}/{unique_repo}:multi"
+    run = run_cli(["prewarm", "--server", running.url, "--platform", "linux/aarch64", ref], {}, timeout=60)
+    assert run.returncode == 0, (run.stdout, run.stderr)
+    assert f"{ref} (linux/arm64)" in run.stdout
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        path = f"/platform/linux/arm64/docker/{unique_repo.replace('/', '_')}_multi.tar"
+        head = client.head(running.url + path)
+        assert head.status_code == 200 and head.headers["x-manifest-digest"] == arm.manifest_digest
+        assert head.headers["etag"] in run.stdout
+    missing = run_cli(["prewarm", "--server", running.url, "--platform", "linux/s390x", ref], {}, timeout=60)
+    assert missing.returncode == 1 and "the image has no such platform" in missing.stdout, missing.stdout
+    assert "offered: linux/arm64, linux/amd64" in missing.stdout
     unreachable = run_cli(["prewarm", "--server", "http://127.0.0.1:9", f"{registry.host}/x:1"], {})
     assert unreachable.returncode == 1 and "the server did not answer" in unreachable.stdout
 
@@ -92,5 +106,17 @@ def test_url_command_prints_the_url_and_the_ios_block():
     assert "app-hosting install appid app package usbflash1:my-org_app_1.0.tar" in lines
     bad = run_cli(["url", "nginx:1.0_beta", "--server", "http://user:pw@10.0.0.1:8080"], {})
     assert bad.returncode == 2 and "must not carry credentials" in bad.stderr
-    tag = run_cli(["url", "nginx:1.0_beta"], {})
-    assert tag.returncode == 1 and 'the tag "1.0_beta" contains "_"' in tag.stderr
+    # What a filename cannot say goes through /ref/, said in full, behind the platform asked for.
+    tag = run_cli(["url", "nginx:1.0_beta", "--platform", "linux/aarch64", "--auth"], {})
+    assert tag.returncode == 0, tag.stderr
+    ref_url = "http://localhost:8080/platform/linux/arm64/ref-auth/docker.io/library/nginx:1.0_beta.tar"
+    assert tag.stdout.splitlines()[0] == ref_url
+    assert "! docker.io/library/nginx:1.0_beta for linux/arm64 through docker-http-passthrough" in tag.stdout
+    assert "cannot say this reference (tag_underscore)" in tag.stderr
+    digest = "sha256:" + "ab" * 32
+    pinned = run_cli(["url", f"registry.lab:5000/team/app@{digest}"], {})
+    assert pinned.stdout.splitlines()[0] == f"http://localhost:8080/ref/registry.lab:5000/team/app@{digest}.tar"
+    insecure = run_cli(["url", "--insecure-registry", "registry.lab/team/app:1_0"], {})
+    assert insecure.returncode == 1 and "over HTTPS only" in insecure.stderr
+    platform = run_cli(["url", "nginx", "--platform", "linux"], {})
+    assert platform.returncode == 1 and "os/architecture" in platform.stderr

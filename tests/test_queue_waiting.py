@@ -1,5 +1,6 @@
-"""api.queue_preparer's waiting logic on fakeredis: what a waiting request sees for each state of its job, how
-soon it gives up, and that all waiters of a job (early-start streams too) share one look per interval."""
+"""api.queue_preparer's waiting logic on fakeredis: what a waiting request sees for each state of its job (a lost
+job runs again while they wait), how soon it gives up, and that all waiters of a job (early-start streams too)
+share one look per interval."""
 
 from __future__ import annotations
 
@@ -16,17 +17,19 @@ from docker_http_passthrough.api.queue_preparer import CHECK_EVERY, LOOK_SHARED_
 from docker_http_passthrough.shared.errors import PassthroughError, TimedOut, Unavailable
 from docker_http_passthrough.shared.job_queue import START_GRACE, PreparationQueue
 from docker_http_passthrough.shared.jobs import JobSpec, heartbeat_key, outcome_key
+from docker_http_passthrough.shared.presence import Presence
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import ImageRecord, PreparedLayer, Store
 from tests.support.images import sha
 
+CONFIRM = 0.5  # LOSS_CONFIRMED_AFTER, shortened
 SPEC = JobSpec({"api_url": "https://reg.example", "name": "reg.example", "token_url": None, "service": None,
                 "basic_only": False}, "team/app", "sha256:" + "cd" * 32, "anonymous")
 
 
 class Harness:
     def __init__(self, tmp_path, **settings):
-        server = fakeredis.FakeServer()
+        self.server = server = fakeredis.FakeServer()
         self.sync = fakeredis.FakeRedis(server=server)
         self.store = Store(tmp_path / "cache")
         self.settings = Settings(redis_url="redis://fake", cache_dir=str(tmp_path / "cache"), **settings)
@@ -41,6 +44,7 @@ class Harness:
         self.queue.look = counted
         self.preparer = QueuePreparer(self.settings, self.store, queue=self.queue,
                                       redis=fakeredis.FakeAsyncRedis(server=server))
+        self.preparer.confirm_loss_after = CONFIRM
 
     def job(self) -> Job:
         return Job.fetch(SPEC.job_id, connection=self.sync)
@@ -74,10 +78,21 @@ class Harness:
     async def ensure(self):
         return await self.preparer.ensure(SPEC, None, None)
 
-    async def fails(self, outcome: dict) -> PassthroughError:
-        """A request waits; the job reports `outcome` (a failure): what the request gets."""
+    async def waiting(self) -> asyncio.Future:
+        """A request that waits for SPEC's image (its job enqueued)."""
         waiter = asyncio.ensure_future(self.ensure())
         await asyncio.sleep(0.2)
+        return waiter
+
+    async def succeeds(self, waiter: asyncio.Future) -> None:
+        """The job stores the image and reports success: the waiter gets the image."""
+        record = self.prepared()
+        self.report({"ok": True})
+        assert await asyncio.wait_for(waiter, 5) == record
+
+    async def fails(self, outcome: dict) -> PassthroughError:
+        """A request waits; the job reports `outcome` (a failure): what the request gets."""
+        waiter = await self.waiting()
         self.report(outcome)
         with pytest.raises(PassthroughError) as info:
             await asyncio.wait_for(waiter, 5)
@@ -90,8 +105,9 @@ async def harness(tmp_path):
     yield harness
 
 
-def live_worker(harness: Harness) -> None:
-    harness.queue.worker("w").register_birth()
+def live_worker(harness: Harness, name: str = "w") -> None:
+    """A worker beating its presence (an RQ registration alone does not count: a killed worker keeps it)."""
+    Presence(harness.sync).beat(name, harness.settings.queue_name, ttl=60)
 
 
 @pytest.mark.anyio
@@ -119,41 +135,82 @@ async def test_a_failed_outcome_is_the_waiters_error(harness):
 @pytest.mark.anyio
 async def test_no_worker_gives_up_after_worker_lost_timeout(harness):
     started = time.monotonic()
-    with pytest.raises(TimedOut) as info:
+    with pytest.raises(PassthroughError) as info:
         await harness.ensure()
-    assert info.value.code == "no_worker"
+    assert (info.value.status, info.value.code) == (504, "no_worker")
     assert harness.settings.worker_lost_timeout <= time.monotonic() - started < harness.settings.worker_lost_timeout + 3
 
 
 @pytest.mark.anyio
-async def test_a_job_whose_worker_stopped_beating_fails_as_worker_lost(harness):
+async def test_a_job_whose_worker_died_runs_again_while_its_waiters_wait(harness):
     live_worker(harness)
-    waiter = asyncio.ensure_future(harness.ensure())
-    await asyncio.sleep(0.2)
+    waiter = await harness.waiting()
+    first_run = harness.job().meta["run"]
     harness.started(seconds_ago=START_GRACE + 1, beating=False)  # its worker died: no beat, no outcome
-    with pytest.raises(PassthroughError) as info:
-        await asyncio.wait_for(waiter, 5)
-    assert info.value.code == "worker_lost"
-    # The next request does not join the lost job: it replaces it.
-    await harness.preparer.start(SPEC, None, None)
-    assert harness.job().get_status() == JobStatus.QUEUED
+    await asyncio.sleep(2 * CHECK_EVERY + CONFIRM)  # seen lost, then again after CONFIRM: run again
+    assert not waiter.done(), "another worker is alive: the request keeps waiting for the rerun"
+    rerun = harness.job()
+    assert rerun.get_status() == JobStatus.QUEUED and rerun.meta["reruns"] == 1 and rerun.meta["run"] != first_run
+    assert rerun.kwargs == SPEC.as_kwargs()
+    assert (await harness.preparer.state(SPEC.job_id)).state == "queued", "not failed: an early stream goes on"
+    harness.started()
+    await harness.succeeds(waiter)
 
 
 @pytest.mark.anyio
-async def test_a_killed_job_and_a_vanished_job(harness):
+async def test_a_job_that_looks_lost_only_briefly_is_not_run_again(harness):
+    """Redis back after an outage longer than WORKER_LOST_TIMEOUT: every heartbeat expired, and the live worker
+    beats again within a second — its job must not be run twice."""
+    live_worker(harness)
+    waiter = await harness.waiting()
+    first_run = harness.job().meta["run"]
+    harness.started(seconds_ago=START_GRACE + 1, beating=False)
+    await asyncio.sleep(CHECK_EVERY + 0.1)  # a look saw it lost
+    harness.sync.set(heartbeat_key(SPEC.job_id), "1")  # its worker beats again
+    await asyncio.sleep(2 * CHECK_EVERY)
+    assert harness.job().meta["run"] == first_run and harness.job().get_status() == JobStatus.STARTED
+    await harness.succeeds(waiter)
+
+
+@pytest.mark.anyio
+async def test_a_job_whose_only_worker_died_fails_as_worker_lost_and_stays_queued(harness):
+    live_worker(harness)
+    waiter = await harness.waiting()
+    harness.sync.flushdb()  # only the job: the worker's presence expired with it
+    await harness.preparer.start(SPEC, None, None)
+    harness.started(seconds_ago=START_GRACE + 1, beating=False)
+    with pytest.raises(PassthroughError) as info:
+        await asyncio.wait_for(waiter, 5)
+    assert (info.value.status, info.value.code) == (504, "worker_lost")
+    assert harness.job().get_status() == JobStatus.QUEUED, "queued again, for a worker that starts later"
+    # The next request joins the queued job and waits for a worker.
+    live_worker(harness, "later")
+    retry = asyncio.ensure_future(harness.ensure())
+    await asyncio.sleep(0.3)
+    assert not retry.done()
+    harness.started()
+    await harness.succeeds(retry)
+
+
+@pytest.mark.anyio
+async def test_a_killed_job_fails_and_a_vanished_job_is_queued_again(harness):
     live_worker(harness)
     await harness.preparer.start(SPEC, None, None)
     harness.started()
-    waiter = asyncio.ensure_future(harness.preparer._wait(SPEC.job_id))
+    waiter = asyncio.ensure_future(harness.preparer._wait(SPEC, None))
     await asyncio.sleep(0.2)
     harness.job().set_status(JobStatus.STOPPED)  # e.g. past JOB_TIMEOUT
     with pytest.raises(PassthroughError) as info:
         await asyncio.wait_for(waiter, 5)
-    assert info.value.code == "preparation_failed" and "stopped" in info.value.message
-    harness.job().delete()
+    assert info.value.code == "job_killed" and "stopped" in info.value.message
+    harness.job().delete()  # Redis lost it
     await asyncio.sleep(LOOK_SHARED_FOR + 0.1)  # the last look, shared for a while, saw it killed
-    with pytest.raises(Unavailable):
-        await asyncio.wait_for(harness.preparer._wait(SPEC.job_id), 5)
+    waiter = asyncio.ensure_future(harness.preparer._wait(SPEC, None))
+    await asyncio.sleep(0.3)
+    assert harness.job().get_status() == JobStatus.QUEUED and not waiter.done()
+    harness.prepared()
+    harness.report({"ok": True})
+    await asyncio.wait_for(waiter, 5)
 
 
 @pytest.mark.anyio
@@ -197,6 +254,15 @@ async def test_a_retry_right_after_a_failure_waits_for_a_new_job(harness):
     await asyncio.sleep(0.3)
     assert not retry.done()
     assert harness.job().get_status() == JobStatus.QUEUED
-    record = harness.prepared()
-    harness.report({"ok": True})
-    assert await asyncio.wait_for(retry, 5) == record
+    await harness.succeeds(retry)
+
+
+@pytest.mark.anyio
+async def test_redis_gone_for_longer_than_its_outage_timeout_is_503(harness):
+    live_worker(harness)
+    waiter = await harness.waiting()
+    harness.server.connected = False  # every call fails, as past the client's retries
+    with pytest.raises(Unavailable) as info:
+        await asyncio.wait_for(waiter, 5)
+    assert (info.value.status, info.value.code) == (503, "redis_unavailable")
+    assert "REDIS_OUTAGE_TIMEOUT" in info.value.message

@@ -12,13 +12,14 @@ import pytest
 from docker_http_passthrough.shared import manifest as mf
 from docker_http_passthrough.shared.errors import (
     InvalidContent,
+    LimitExceeded,
     NotFound,
     TimedOut,
     Unreachable,
     Unsupported,
 )
 from docker_http_passthrough.shared.registry import Registries, RegistryClient
-from docker_http_passthrough.shared.settings import load_settings
+from docker_http_passthrough.shared.settings import Settings, load_settings
 from docker_http_passthrough.shared.targets import (
     DOCKER_HUB_SERVICE,
     DOCKER_HUB_TOKEN_URL,
@@ -48,23 +49,25 @@ from tests.support.testdata import SCHEMA1, SCHEMA1_MEDIA_TYPE
 
 # --- other failures
 
-@pytest.mark.parametrize("status, error, http_status, code", [
-    (404, NotFound, 404, "not_found"),
-    (429, Unreachable, 502, "rate_limited"),
-    (500, Unreachable, 502, "registry_unreachable"),
-    (503, Unreachable, 502, "registry_unreachable"),
+@pytest.mark.parametrize("status, error, http_status, code, attempts", [
+    (404, NotFound, 404, "not_found", 1),
+    (429, Unreachable, 502, "rate_limited", 2),
+    (500, Unreachable, 502, "registry_unreachable", 2),
+    (503, Unreachable, 502, "registry_unreachable", 2),
 ])
 @pytest.mark.anyio
-async def test_registry_status_codes_map_to_errors(status, error, http_status, code):
+async def test_registry_status_codes_map_to_errors_after_the_retries(status, error, http_status, code, attempts):
     fake = sample_registry()
     fake.override = lambda request: httpx.Response(status)
-    async with fake.http() as http:
+    async with fake.http(upstream_retries=1) as http:
         client = RegistryClient(http, target(), REPO)
         for call in (client.head_manifest("v1"), client.get_manifest("v1"), client.get_blob(sha(CONFIG_BLOB))):
             with pytest.raises(error) as info:
                 await call
             assert (info.value.status, info.value.code) == (http_status, code)
-    assert len(fake.requests) == 3
+            if attempts > 1:
+                assert "UPSTREAM_RETRIES=1" in info.value.message, info.value.message
+    assert len(fake.requests) == 3 * attempts  # "try again" statuses are retried, a 404 is not
 
 
 @pytest.mark.anyio
@@ -72,7 +75,8 @@ async def test_connection_error_is_unreachable():
     def refuse(request):
         raise httpx.ConnectError("connection refused", request=request)
 
-    async with Registries(httpx.AsyncClient(transport=httpx.MockTransport(refuse))) as http:
+    transport = httpx.MockTransport(refuse)
+    async with Registries(httpx.AsyncClient(transport=transport), settings=Settings(upstream_retries=1)) as http:
         with pytest.raises(Unreachable) as info:
             await RegistryClient(http, target(), REPO).head_manifest("v1")
     assert info.value.status == 502
@@ -84,7 +88,8 @@ async def test_timeout_is_timed_out(exc):
     def slow(request):
         raise exc("too slow", request=request)
 
-    async with Registries(httpx.AsyncClient(transport=httpx.MockTransport(slow))) as http:
+    transport = httpx.MockTransport(slow)
+    async with Registries(httpx.AsyncClient(transport=transport), settings=Settings(upstream_retries=1)) as http:
         with pytest.raises(TimedOut) as info:
             await RegistryClient(http, target(), REPO).get_manifest("v1")
     assert (info.value.status, info.value.code) == (504, "timeout")
@@ -100,7 +105,7 @@ async def test_token_endpoint_timeout_is_timed_out():
         return None
 
     fake.override = slow_token
-    async with fake.http() as http:
+    async with fake.http(upstream_retries=1) as http:
         with pytest.raises(TimedOut) as info:
             await RegistryClient(http, target(), REPO).head_manifest("v1")
     assert info.value.status == 504
@@ -155,8 +160,9 @@ async def test_get_blob_verifies_digest():
         assert await client.get_blob(sha(CONFIG_BLOB)) == CONFIG_BLOB
         with pytest.raises(InvalidContent):
             await client.get_blob(wrong)
-        with pytest.raises(InvalidContent):
+        with pytest.raises(LimitExceeded) as info:
             await client.get_blob(sha(CONFIG_BLOB), limit=100)  # larger than the limit
+        assert "CONFIG_MAX_BYTES=100" in info.value.message
     assert [r.url.path for r in fake.requests] == [f"/v2/{REPO}/blobs/{sha(CONFIG_BLOB)}", f"/v2/{REPO}/blobs/{wrong}",
                                                   f"/v2/{REPO}/blobs/{sha(CONFIG_BLOB)}"]
 

@@ -9,6 +9,8 @@ import pytest
 
 from docker_http_passthrough.shared.settings import Settings, SettingsError, load_settings
 
+from tests.support.tls import TestCA
+
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # README's "default" column, where it names no literal value, in the words it uses for what Settings holds.
@@ -41,8 +43,11 @@ def test_empty_environment_gives_the_defaults_the_readme_documents():
         field = name.lower()
         if not hasattr(settings, field):
             continue  # read elsewhere (OTEL_*, LOG_*)
-        expected = _WORDS[documented] if documented in _WORDS else documented.strip("`")
-        assert _as_documented(getattr(settings, field)) == expected, (name, documented, getattr(settings, field))
+        if documented in _WORDS:
+            assert _as_documented(getattr(settings, field)) == _WORDS[documented], (name, documented)
+        else:  # the documented value, given explicitly, is what an empty environment gives
+            given = load_settings({name: documented.strip("`")})
+            assert getattr(given, field) == getattr(settings, field), (name, documented, getattr(settings, field))
         checked.append(name)
     assert len(checked) >= 20, checked  # the table was found and read
 
@@ -90,7 +95,7 @@ def test_every_variable_is_parsed():
     assert s.cache_dir == "/srv/cache"
     assert s.queue_name == "q1"
     assert s.credentials_key == "a long random secret"
-    assert s.platform == "linux/arm64/v8"
+    assert s.platform == "linux/arm64"  # normalised: v8 is arm64's default variant
     assert s.prepare_timeout == 12.5
     assert s.worker_lost_timeout == 7.0
     assert s.job_timeout == 99 and isinstance(s.job_timeout, int)
@@ -125,6 +130,24 @@ def test_api_processes_and_zero_copy():
     assert load_settings({"WEB_CONCURRENCY": "4"}).api_workers == 4  # the name platforms set
     assert load_settings({"WEB_CONCURRENCY": "4", "API_WORKERS": "2"}).api_workers == 2
     assert load_settings({"ZERO_COPY": "false"}).zero_copy is False
+def test_upstream_settings_are_parsed(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text(TestCA(tmp_path).cert.read_text())
+    s = load_settings({
+        "UPSTREAM_RETRIES": "0", "UPSTREAM_RETRY_AFTER_MAX": "5", "UPSTREAM_DEADLINE": "90", "UPSTREAM_MIN_RATE": "1M",
+        "RESOLVE_TIMEOUT": "12", "UPSTREAM_MAX_REDIRECTS": "2", "MANIFEST_MAX_BYTES": "1M", "CONFIG_MAX_BYTES": "2M",
+        "IMAGE_MAX_LAYERS": "64", "IMAGE_MAX_BYTES": "10G", "REGISTRY_ALLOWED_HOSTS": "private, *.corp.example",
+        "REGISTRY_CA_BUNDLE": str(ca), "REGISTRY_CA_BUNDLES": f"harbor.corp.example={ca}, lab:5000={ca}",
+        "REGISTRY_INSECURE_HOSTS": "lab:5000 *.lab.example", "REGISTRY_MIRROR": "https://mirror.corp.example/",
+        "https_proxy": "proxy.corp.example:3128", "ALL_PROXY": "http://all.corp.example:8080", "no_proxy": "10.0.0.0/8",
+    })
+    assert (s.upstream_retries, s.upstream_retry_after_max, s.upstream_deadline, s.upstream_min_rate) == (0, 5, 90, 1 << 20)
+    assert (s.resolve_timeout, s.upstream_max_redirects, s.manifest_max_bytes, s.config_max_bytes) == (12, 2, 1 << 20, 2 << 20)
+    assert (s.image_max_layers, s.image_max_bytes) == (64, 10 << 30)
+    assert s.registry_allowed_hosts == "private, *.corp.example" and s.registry_ca_bundle == str(ca)
+    assert s.registry_mirror == "https://mirror.corp.example"
+    assert s.https_proxy == "http://proxy.corp.example:3128"  # a bare host:port means http://
+    assert s.http_proxy == "http://all.corp.example:8080" and s.no_proxy == "10.0.0.0/8"
 
 
 @pytest.mark.parametrize("mode", ["optional", "required", "off", "OFF"])
@@ -179,6 +202,17 @@ def test_registry_auth_url_unset_means_discover_and_empty_means_none():
     ({"CACHE_MAX_BYTES": "lots"}, "CACHE_MAX_BYTES"),
     ({"CACHE_MAX_BYTES": "-5G"}, "CACHE_MAX_BYTES"),
     ({"CACHE_MAX_BYTES": "1e400"}, "CACHE_MAX_BYTES"),
+    ({"UPSTREAM_RETRIES": "-1"}, "UPSTREAM_RETRIES"),
+    ({"UPSTREAM_DEADLINE": "0"}, "UPSTREAM_DEADLINE"),
+    ({"UPSTREAM_MIN_RATE": "0"}, "UPSTREAM_MIN_RATE"),
+    ({"MANIFEST_MAX_BYTES": "lots"}, "MANIFEST_MAX_BYTES"),
+    ({"IMAGE_MAX_LAYERS": "0"}, "IMAGE_MAX_LAYERS"),
+    ({"REGISTRY_ALLOWED_HOSTS": "bad host!"}, "REGISTRY_ALLOWED_HOSTS"),
+    ({"REGISTRY_CA_BUNDLE": "/nonexistent/ca.pem"}, "REGISTRY_CA_BUNDLE"),
+    ({"REGISTRY_CA_BUNDLES": "harbor.example"}, "REGISTRY_CA_BUNDLES"),
+    ({"REGISTRY_INSECURE_HOSTS": "lab:99999"}, "REGISTRY_INSECURE_HOSTS"),
+    ({"REGISTRY_MIRROR": "https://mirror.example/v2"}, "REGISTRY_MIRROR"),
+    ({"HTTPS_PROXY": "socks5://proxy:1080"}, "HTTPS_PROXY"),
     ({"HEADER_TIMEOUT": "0"}, "HEADER_TIMEOUT"),
     ({"IDLE_TIMEOUT": "-1"}, "IDLE_TIMEOUT"),
     ({"SEND_TIMEOUT": "inf"}, "SEND_TIMEOUT"),

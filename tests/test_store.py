@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
 
 import pytest
 
+from docker_http_passthrough.shared.errors import StoreFull
+from docker_http_passthrough.shared.owners import temp_name
 from docker_http_passthrough.shared.store import TEMP_MARK, ImageRecord, PreparedLayer, Store
 from tests.support.images import sha
 
@@ -157,3 +160,36 @@ def test_seen_is_keyed_by_registry_repository_and_digest(store: Store):
     assert not store.seen(reg, repo, sha(b"other blob"))
     store.mark_seen(reg, repo, digest)  # idempotent
     assert store.seen(reg, repo, digest)
+
+
+def test_temp_files_carry_their_writers_token_and_only_a_dead_writers_are_removed(tmp_path: Path):
+    store = Store(tmp_path / "cache", owner="live0123")
+    final = store.layer_path(sha(b"dead's layer"))
+    abandoned = final.with_name(temp_name(final.name, "dead4567"))
+    abandoned.write_bytes(b"half a layer")  # what a SIGKILLed writer leaves
+    with store.atomic_writer(store.layer_path(sha(b"live layer"))) as handle:
+        handle.write(b"live layer")
+        assert store.remove_abandoned("dead4567") == 1
+        assert [p.name.split(TEMP_MARK)[1].split("-")[0] for p in partials(store.root)] == ["live0123"]
+    assert store.has_layer(sha(b"live layer")) and partials(store.root) == []
+
+
+def test_a_full_volume_is_store_full_naming_the_store_and_leaves_no_temp_file(store: Store):
+    final = store.layer_path(sha(b"too big"))
+    with pytest.raises(StoreFull) as info:
+        with store.atomic_writer(final) as handle:
+            handle.write(b"x" * 1000)
+            handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (info.value.status, info.value.code, info.value.written) == (507, "store_full", 1000)
+    assert str(store.root) in info.value.message and "CACHE_DIR" in info.value.message
+    assert partials(store.root) == [] and not final.exists()
+
+
+def test_a_tag_not_remembered_on_a_full_volume_is_no_error(store: Store, monkeypatch):
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    store.remember_tag("https://r", "team/app", "v1", "linux/amd64", "sha256:" + "1" * 64)
+    assert store.tag_digest("https://r", "team/app", "v1", "linux/amd64") is None and partials(store.root) == []

@@ -30,6 +30,8 @@ from rq.timeouts import TimerDeathPenalty
 from docker_http_passthrough.api.app import create_app
 from docker_http_passthrough.shared.settings import load_settings
 
+from tests.support.services import TEST_ALLOWED_HOSTS
+
 CLIENT_ADDRESS = ("192.0.2.7", 50123)
 BASE_URL = "http://dhp.test:8080"
 QUEUE = "docker-http-passthrough"
@@ -37,7 +39,7 @@ QUEUE = "docker-http-passthrough"
 
 @contextlib.asynccontextmanager
 async def app_in_process(env: dict[str, str]) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    app = create_app(load_settings(env))
+    app = create_app(load_settings({"REGISTRY_ALLOWED_HOSTS": TEST_ALLOWED_HOSTS, **env}))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, client=CLIENT_ADDRESS)
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL,

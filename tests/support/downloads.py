@@ -32,9 +32,9 @@ def image_url(server_url: str, registry_host: str, repository: str, tag: str, *,
     return f"{server_url}/{route}/http/{registry_host}/docker/{filename_for(repository, tag)}"
 
 
-def get(url: str, *, auth: tuple[str, str] | None = None, timeout: float = 120.0) -> Download:
+def get(url: str, *, auth: tuple[str, str] | None = None, timeout: float = 120.0, method: str = "GET") -> Download:
     with httpx.Client(timeout=timeout, trust_env=False) as client:
-        response = client.get(url, auth=auth)
+        response = client.request(method, url, auth=auth)
         return Download(response.status_code, response.headers, response.content)
 
 

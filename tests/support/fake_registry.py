@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 from docker_http_passthrough.shared.registry import Registries
+from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.targets import Credentials, RegistryTarget
 
 from tests.support.images import DOCKER_CONFIG, DOCKER_MANIFEST, sha
@@ -135,9 +136,11 @@ class FakeRegistry:
 
     # --- what was asked
 
-    def http(self) -> Registries:
-        """What a process owns to reach registries, fresh (nothing learned about auth yet), through this fake."""
-        return Registries(httpx.AsyncClient(transport=httpx.MockTransport(self.handle), follow_redirects=False))
+    def http(self, **settings: Any) -> Registries:
+        """What a process owns to reach registries, fresh (nothing learned about auth yet), through this fake;
+        ``settings`` override fields of the transport's Settings (e.g. ``upstream_retries=0``)."""
+        return Registries(httpx.AsyncClient(transport=httpx.MockTransport(self.handle), follow_redirects=False),
+                          settings=Settings(**settings))
 
     def to(self, host: str) -> list[httpx.Request]:
         return [r for r in self.requests if r.url.host == host]
@@ -205,9 +208,10 @@ class FakeRegistry:
             return httpx.Response(200, headers={"Content-Length": str(len(data)), "Docker-Content-Digest": digest})
         wanted = request.headers.get("range")
         if wanted:
-            start, end = (int(n) for n in wanted.removeprefix("bytes=").split("-"))
+            first, last = wanted.removeprefix("bytes=").split("-")
+            start, end = int(first), int(last or len(data) - 1)
             part = self.forged_ranges.get((request.url.host, digest), data)[start:end + 1]
-            return httpx.Response(206, headers={"Content-Range": f"bytes {start}-{end}/{len(data)}"}, content=part)
+            return streamed(part, 206, self.chunk, **{"Content-Range": f"bytes {start}-{end}/{len(data)}"})
         return streamed(data, chunk=self.chunk, **{"Docker-Content-Digest": digest})
 
     # --- auth

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -109,16 +110,17 @@ def files_in(directory: Path) -> list[str]:
 class BackgroundGet:
     """``get(url)`` in a daemon thread; ``.result`` and ``.answered_at`` (time.monotonic) once done."""
 
-    def __init__(self, url: str, *, auth: tuple[str, str] | None = None, timeout: float = 120.0):
+    def __init__(self, url: str, *, auth: tuple[str, str] | None = None, timeout: float = 120.0,
+                 method: str = "GET"):
         self.result: Download | None = None
         self.error: Exception | None = None
         self.answered_at: float | None = None
-        self._thread = threading.Thread(target=self._run, args=(url, auth, timeout), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(url, auth, timeout, method), daemon=True)
         self._thread.start()
 
-    def _run(self, url: str, auth: tuple[str, str] | None, timeout: float) -> None:
+    def _run(self, url: str, auth: tuple[str, str] | None, timeout: float, method: str) -> None:
         try:
-            self.result = get(url, auth=auth, timeout=timeout)
+            self.result = get(url, auth=auth, timeout=timeout, method=method)
         except Exception as exc:  # noqa: BLE001 - reported by join()
             self.error = exc
         finally:
@@ -140,15 +142,20 @@ class BackgroundGet:
 class BackgroundStream:
     """A GET read chunk by chunk in a daemon thread.
 
-    ``status``/``headers`` once the headers arrived (``headers_at``), ``received`` bytes so far, and when the
-    body ended (``ended_at``) with ``error`` set if the connection broke before Content-Length bytes came.
+    ``status``/``headers`` once the headers arrived (``headers_at``, after ``started_at``), ``received`` bytes so
+    far (``body``, their ``sha256``, the longest wait between two pieces in ``largest_gap``), and when the body
+    ended (``ended_at``) with ``error`` set if the connection broke before Content-Length bytes came.
     """
 
     def __init__(self, url: str, *, auth: tuple[str, str] | None = None, timeout: float = 120.0):
         self.status: int | None = None
         self.headers: httpx.Headers | None = None
+        self.started_at = time.monotonic()
         self.headers_at: float | None = None
         self.received = 0
+        self.body = bytearray()
+        self.largest_gap = 0.0
+        self.sha256 = hashlib.sha256()
         self.ended_at: float | None = None
         self.error: Exception | None = None
         self._thread = threading.Thread(target=self._run, args=(url, auth, timeout), daemon=True)
@@ -159,9 +166,13 @@ class BackgroundStream:
             with httpx.Client(timeout=timeout, trust_env=False) as client, \
                     client.stream("GET", url, auth=auth) as response:
                 self.status, self.headers = response.status_code, response.headers
-                self.headers_at = time.monotonic()
+                self.headers_at = last = time.monotonic()
                 for chunk in response.iter_raw():
+                    now = time.monotonic()
+                    self.largest_gap, last = max(self.largest_gap, now - last), now
+                    self.body += chunk
                     self.received += len(chunk)
+                    self.sha256.update(chunk)
         except Exception as exc:  # noqa: BLE001 - a broken body is what some tests expect
             self.error = exc
         finally:

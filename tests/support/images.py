@@ -19,8 +19,13 @@ from typing import Any, Literal, Mapping, Sequence, Union
 
 import httpx
 
+try:  # the stdlib's from Python 3.14 on, the same API as the backport the package depends on before
+    from compression import zstd
+except ImportError:  # pragma: no cover
+    from backports import zstd
+
 Flavour = Literal["docker", "oci"]
-Compression = Literal["gzip", "none"]
+Compression = Literal["gzip", "zstd", "none"]
 # (user, password) or any httpx auth object (e.g. a token-auth flow).
 Auth = Union[httpx.Auth, tuple[str, str], None]
 # File spec: bytes (0o644 file), ("exec", bytes), ("symlink", target), ("dir",)
@@ -36,6 +41,7 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"  # OCI only: Docker's media types have no zstd
 
 # Send this on manifest GET/HEAD: without it distribution 2.8 down-converts to schema1.
 MANIFEST_ACCEPT = ", ".join([DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX])
@@ -80,6 +86,8 @@ class Layer:
     def media_type_for(self, flavour: Flavour) -> str:
         if self.media_type_override is not None:
             return self.media_type_override
+        if self.compression == "zstd":
+            return OCI_LAYER_ZSTD
         if flavour == "docker":
             return DOCKER_LAYER_GZIP if self.compression == "gzip" else DOCKER_LAYER_TAR
         return OCI_LAYER_GZIP if self.compression == "gzip" else OCI_LAYER_TAR
@@ -114,6 +122,10 @@ def make_layer(
 
     if compression == "gzip":
         blob = gzip.compress(tar, compresslevel=6, mtime=0)  # mtime=0: deterministic
+    elif compression == "zstd":
+        # Two frames, as a chunking writer leaves them: readers must go on after the first.
+        half = len(tar) // 2
+        blob = zstd.compress(tar[:half]) + zstd.compress(tar[half:])
     elif compression == "none":
         blob = tar
     else:
@@ -149,8 +161,8 @@ def _tar_entry(name: str, spec: FileSpec) -> tuple[tarfile.TarInfo, bytes | None
     return info, content
 
 
-@functools.lru_cache(maxsize=1)  # ~1 MiB of gzip work; every test wants the same one
-def busybox_layer() -> Layer:
+@functools.lru_cache(maxsize=2)  # ~1 MiB of compression work; every test wants the same one
+def busybox_layer(compression: Compression = "gzip") -> Layer:
     """A runnable layer: static /bin/busybox plus sh/echo/cat symlinks and /etc/passwd."""
     if not HOST_BUSYBOX.is_file():
         raise RuntimeError(
@@ -170,7 +182,8 @@ def busybox_layer() -> Layer:
             "bin/cat": ("symlink", "busybox"),
             "etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n",
             "etc/group": b"root:x:0:\n",
-        }
+        },
+        compression=compression,
     )
 
 

@@ -3,8 +3,9 @@
 Every server or process the test support starts goes through here, so "bind a free loopback port", "wait until it
 answers" and "stop it, also when it hangs" are written once:
 
-- ``ThreadedServer``: an ``http.server`` handler served from a daemon thread on 127.0.0.1:<port the kernel picked>,
-  with ``start()``/``stop()`` (idempotent) and ``url``; the proxy, the token server and the rogue registry use it.
+- ``ThreadedServer``: an ``http.server`` handler served from a daemon thread on 127.0.0.1:<port the kernel picked>
+  (or another loopback address; HTTPS with a context), with ``start()``/``stop()`` (idempotent) and ``url``; the
+  proxies, the token server and the rogue registry use it.
 - ``free_port``, ``wait_until``, ``terminate``, ``tail``: for child processes (redis-server, docker-registry,
   dockerd, the project's server and workers), which are started in a session of their own so that ``terminate``
   reaches everything they fork.
@@ -16,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -86,9 +88,12 @@ class ThreadedServer:
     processes.
     """
 
-    def __init__(self, handler: type[BaseHTTPRequestHandler], name: str = "test-server", **attributes: Any) -> None:
+    def __init__(self, handler: type[BaseHTTPRequestHandler], name: str = "test-server", *, bind: str = "127.0.0.1",
+                 tls: ssl.SSLContext | None = None, **attributes: Any) -> None:
         self.handler = handler
         self.name = name
+        self.bind = bind  # any loopback address (127.0.0.2 is another "host" on this machine)
+        self.tls = tls  # serve HTTPS with this server-side context
         self.attributes = attributes
         self._server: LoopbackHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -96,7 +101,10 @@ class ThreadedServer:
     def start(self) -> Self:
         if self._server is not None:
             return self
-        server = LoopbackHTTPServer(("127.0.0.1", 0), self.handler)
+        server = LoopbackHTTPServer((self.bind, 0), self.handler)
+        if self.tls is not None:
+            # The handshake happens in the handler's thread, on its first read: a slow client blocks no one else.
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
         for key, value in self.attributes.items():
             setattr(server, key, value)
         self._server = server
@@ -129,11 +137,11 @@ class ThreadedServer:
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.bind}:{self.port}"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     def __enter__(self) -> Self:
         return self.start()

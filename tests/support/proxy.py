@@ -1,8 +1,9 @@
 """A counting, throttling, fault-injecting HTTP/1.1 reverse proxy for tests.
 
 Put it between the code under test and a real registry to see exactly which
-requests were made (``requests`` / ``count``) and to inject faults: corrupted
-bodies, slow bodies, error statuses and slow headers.
+requests were made (``requests`` / ``count``) and how many body bytes went out
+(``body_bytes``), and to inject faults: corrupted bodies, slow bodies, error
+statuses and slow headers.
 
 Bodies are streamed in chunks in both directions, so multi-GiB blobs are fine.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
@@ -77,6 +79,12 @@ class CountingProxy(ThreadedServer):
     - ``fail_status``: {path substring: status}; matching requests get that
       status with an empty body and never reach the upstream.
     - ``delay_seconds_before_headers``: sleep before handling each request.
+    - ``cut(path_contains, after_bytes, times=1)``: close the connection after that many body bytes of the next
+      ``times`` matching 2xx responses (a registry connection cut mid-blob).
+    - ``fail(path_contains, status, times=1, headers=None)``: the next ``times`` matching requests get ``status``
+      with ``headers`` (e.g. ``{"Retry-After": "1"}``) and never reach the upstream.
+
+    ``body_bytes(path_contains)`` tells how many response body bytes went out for matching paths.
     """
 
     def __init__(self, upstream_url: str) -> None:
@@ -89,12 +97,36 @@ class CountingProxy(ThreadedServer):
 
         self._lock = threading.Lock()
         self._requests: list[ProxyRecord] = []
+        self._body_bytes: dict[str, int] = {}  # path -> response body bytes sent downstream
         self.corrupt_path_contains: str | None = None
         self.throttle_bytes_per_second: float | None = None
         self.fail_status: dict[str, int] = {}
         self.delay_seconds_before_headers: float = 0.0
+        self._cuts: list[list] = []  # [path substring, after bytes, times left]
+        self._fails: list[list] = []  # [path substring, status, times left, headers]
 
         super().__init__(_ProxyHandler, "CountingProxy", proxy=self)
+
+    def cut(self, path_contains: str, after_bytes: int, times: int = 1) -> None:
+        with self._lock:
+            self._cuts.append([path_contains, after_bytes, times])
+
+    def fail(self, path_contains: str, status: int, times: int = 1, headers: dict[str, str] | None = None) -> None:
+        with self._lock:
+            self._fails.append([path_contains, status, times, dict(headers or {})])
+
+    def _take(self, faults: list[list], path: str) -> list | None:
+        """The first fault matching ``path`` with uses left, one use taken."""
+        with self._lock:
+            for fault in faults:
+                if fault[0] in path and fault[2] > 0:
+                    fault[2] -= 1
+                    return fault
+        return None
+
+    def _sent(self, path: str, size: int) -> None:
+        with self._lock:
+            self._body_bytes[path] = self._body_bytes.get(path, 0) + size
 
     # -- recording -----------------------------------------------------------------
 
@@ -108,27 +140,27 @@ class CountingProxy(ThreadedServer):
         """Forget recorded requests and clear all fault injection."""
         with self._lock:
             self._requests.clear()
+            self._body_bytes.clear()
             self.corrupt_path_contains = None
             self.throttle_bytes_per_second = None
             self.fail_status = {}
             self.delay_seconds_before_headers = 0.0
+            self._cuts.clear()
+            self._fails.clear()
 
-    def count(
-        self,
-        method: str | None = None,
-        kind: Kind | None = None,
-        path_contains: str | None = None,
-        status: int | None = None,
-    ) -> int:
+    def count(self, method: str | None = None, kind: Kind | None = None, path_contains: str | None = None,
+              status: int | None = None) -> int:
         """Number of recorded requests matching all given filters."""
-        return sum(
-            1
-            for record in self.requests
-            if (method is None or record.method == method.upper())
-            and (kind is None or kind_of(record.path) == kind)
-            and (path_contains is None or path_contains in record.path)
-            and (status is None or record.status == status)
-        )
+        return sum(1 for record in self.requests
+                   if (method is None or record.method == method.upper())
+                   and (kind is None or kind_of(record.path) == kind)
+                   and (path_contains is None or path_contains in record.path)
+                   and (status is None or record.status == status))
+
+    def body_bytes(self, path_contains: str = "") -> int:
+        """Response body bytes sent so far for paths containing ``path_contains`` (all paths by default)."""
+        with self._lock:
+            return sum(sent for path, sent in self._body_bytes.items() if path_contains in path)
 
     def _record(self, method: str, path: str, status: int) -> None:
         with self._lock:
@@ -189,9 +221,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             time.sleep(delay)
 
         injected = proxy._injected_status(path)
-        if injected is not None:
+        fault = proxy._take(proxy._fails, path) if injected is None else None
+        if injected is not None or fault is not None:
             self._discard_request_body(body_length)
-            self._send_empty(method, path, injected)
+            self._send_empty(method, path, injected or fault[1], headers=fault[3] if fault else None)
             return
 
         upstream = http.client.HTTPConnection(
@@ -268,6 +301,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if rechunk:
             headers.append(("Transfer-Encoding", "chunked"))
 
+        cut = proxy._take(proxy._cuts, path) if has_body and 200 <= status < 300 else None
         corrupt_at: int | None = None
         if (
             has_body
@@ -284,12 +318,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             if has_body:
-                self._stream_body(response, rechunk, corrupt_at)
+                self._stream_body(response, rechunk, corrupt_at, path, cut[1] if cut else None)
         except OSError as exc:
             raise _ClientGone() from exc
 
     def _stream_body(
-        self, response: http.client.HTTPResponse, rechunk: bool, corrupt_at: int | None
+        self, response: http.client.HTTPResponse, rechunk: bool, corrupt_at: int | None, path: str,
+        cut_after: int | None,
     ) -> None:
         proxy = self.server.proxy
         sent = 0
@@ -309,6 +344,14 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self.close_connection = True  # upstream broke: truncate for the client
             if not data:
                 break
+            if cut_after is not None and sent + len(data) >= cut_after:
+                data = data[: cut_after - sent]
+                self.wfile.write(data)
+                proxy._sent(path, len(data))
+                self.close_connection = True  # the cut: no more bytes, the connection goes
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             if corrupt_at is not None and sent <= corrupt_at < sent + len(data):
                 mutable = bytearray(data)
                 mutable[corrupt_at - sent] ^= 0xFF
@@ -317,6 +360,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             else:
                 self.wfile.write(data)
+            proxy._sent(path, len(data))
             sent += len(data)
             if rate:
                 pace_sent += len(data)
@@ -326,10 +370,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if rechunk and not self.close_connection:
             self.wfile.write(b"0\r\n\r\n")
 
-    def _send_empty(self, method: str, path: str, status: int, reason: str | None = None) -> None:
+    def _send_empty(self, method: str, path: str, status: int, reason: str | None = None,
+                    headers: dict[str, str] | None = None) -> None:
         self.server.proxy._record(method, path, status)
         try:
             self.send_response_only(status, reason)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", "0")
             if self.close_connection:
                 self.send_header("Connection", "close")

@@ -1,7 +1,8 @@
 """HTTP/1.1 over a bare socket, for requests no client library would send (malformed, slow, half-finished), and
 the server-side figures hostile-client tests look at (resident memory, open file descriptors).
 
-- ``exchange``: send bytes, read one response (or see the connection close or time out).
+- ``exchange``: send bytes, read one response (or see the connection close or time out);
+  ``read_response``: one whole response from a socket already open.
 - ``SlowReader``: a GET whose body is read a little at a time, on a small receive buffer.
 - ``memory_kib``/``open_fds``: from /proc of the server process.
 """
@@ -75,6 +76,23 @@ def _read_body(sock: socket.socket, buffer: bytearray, result: RawResult, head_o
     result.body = bytes(buffer if wanted is None else buffer[:wanted])
 
 
+def read_response(sock: socket.socket, *, head_only: bool = False, into: RawResult | None = None) -> RawResult:
+    """Read one whole response from a connected socket (however many segments it arrives in)."""
+    result = into if into is not None else RawResult()
+    buffer = bytearray()
+    while result.status is None or result.status == 100:  # skip a 100 Continue
+        result.headers.clear()
+        end = _read_head(sock, buffer)
+        if end is None:
+            result.ended = "closed"
+            result.status = None
+            return result
+        _parse_head(bytes(buffer[:end]), result)
+        del buffer[:end]
+    _read_body(sock, buffer, result, head_only)
+    return result
+
+
 def exchange(address: tuple[str, int], data: bytes, *, timeout: float = 10.0, head_only: bool = False,
              source: str | None = None) -> RawResult:
     """Send ``data`` on a fresh connection and read one response; never raises for what the server does."""
@@ -88,17 +106,7 @@ def exchange(address: tuple[str, int], data: bytes, *, timeout: float = 10.0, he
                 sock.sendall(data)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the server may answer and close before reading everything: read what it said
-            buffer = bytearray()
-            while result.status is None or result.status == 100:  # skip a 100 Continue
-                result.headers.clear()
-                end = _read_head(sock, buffer)
-                if end is None:
-                    result.ended = "closed"
-                    result.status = None
-                    return result
-                _parse_head(bytes(buffer[:end]), result)
-                del buffer[:end]
-            _read_body(sock, buffer, result, head_only)
+            read_response(sock, head_only=head_only, into=result)
     except socket.timeout:
         result.ended = "timeout"
     except ConnectionResetError:

@@ -25,6 +25,9 @@ TAGS = [None, None, "latest", "1.25", "v1.0-rc.1", "2026.06", "LATEST", "a_b", "
 DIGESTS = [None] * 14 + ["sha256:" + "ab" * 32, "sha512:" + "cd" * 64, "sha256:xyz", "sha256:" + "e" * 31]
 NAMESPACES = [None] * 6 + ["myorg", "team/platform"]
 DESTINATIONS = ["flash:", "usbflash1:", "bootflash:"]
+# Mostly the server's default; some spelled as engineers type them (aliases, default variants), a few broken.
+PLATFORMS = [None] * 10 + ["linux/arm64", "linux/aarch64", "linux/arm64/v8", "Linux/AMD64", "linux/arm/v7",
+                           "linux/armhf", "linux/arm/6", "windows/amd64", "linux", "linux/x y", "linux/arm64/v8/x"]
 
 
 @dataclass(frozen=True)
@@ -35,22 +38,24 @@ class Case:
     insecure_registry: bool
     destination: str
     default_namespace: str | None
+    platform: str | None = None
     server: str = "http://10.20.30.40:8080"
 
     def python_options(self) -> dict:
         return {"server": self.server, "registry_in_url": self.registry_in_url, "client_auth": self.client_auth,
                 "insecure_registry": self.insecure_registry, "destination": self.destination,
-                "default_namespace": self.default_namespace}
+                "default_namespace": self.default_namespace, "platform": self.platform}
 
     def js_options(self) -> dict:
         return {"server": self.server, "registryInUrl": self.registry_in_url, "clientAuth": self.client_auth,
                 "insecureRegistry": self.insecure_registry, "destination": self.destination,
-                "defaultNamespace": self.default_namespace}
+                "defaultNamespace": self.default_namespace, "platform": self.platform}
 
     def cli_flags(self) -> tuple[str, ...]:
         flags = ["--server", self.server, "--destination", self.destination]
         flags += ["--registry-in-url"] * self.registry_in_url + ["--auth"] * self.client_auth
         flags += ["--insecure-registry"] * self.insecure_registry
+        flags += ["--platform", self.platform] if self.platform else []
         return tuple(flags)
 
 
@@ -73,7 +78,8 @@ FIXED = ["nginx", "nginx:1.25", "ghcr.io/my-org/app:1.0", "registry.example.com:
 
 def generate(seed: int = 11, count: int = 320) -> list[Case]:
     rng = random.Random(seed)
+    platforms = random.Random(seed + 1)  # its own stream: the other draws stay what they were
     texts = FIXED + [_reference(rng) for _ in range(count - len(FIXED))]
     return [Case(text, registry_in_url=rng.random() < 0.5, client_auth=rng.random() < 0.3,
                  insecure_registry=rng.random() < 0.2, destination=rng.choice(DESTINATIONS),
-                 default_namespace=rng.choice(NAMESPACES)) for text in texts]
+                 default_namespace=rng.choice(NAMESPACES), platform=platforms.choice(PLATFORMS)) for text in texts]

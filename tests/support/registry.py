@@ -2,6 +2,11 @@
 
 The registry listens on a free loopback port, keeps its storage under a
 caller-provided work directory and is stopped explicitly (fixtures do that).
+With ``tls`` (a ``tests.support.tls.CertPair``) it serves HTTPS (distribution's
+``http.tls``); with ``storage_dir`` it serves another registry's storage (push
+over plain HTTP to one, read over TLS from the other); ``extra`` adds config
+sections (e.g. ``{"proxy": {"remoteurl": ...}}`` for a pull-through mirror) and
+``env`` environment variables (HTTPS_PROXY, SSL_CERT_FILE for its own requests).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 import httpx
 
 from tests.support.lifecycle import free_port, open_log, tail, terminate, wait_until
+from tests.support.tls import CertPair
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 STARTUP_TIMEOUT_SECONDS = 15.0
@@ -31,6 +37,8 @@ class RegistryProcess:
     workdir: Path
     config_path: Path
     log_path: Path
+    tls: bool = False
+    storage: Path | None = None
 
     @property
     def host(self) -> str:
@@ -38,11 +46,11 @@ class RegistryProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     @property
     def storage_dir(self) -> Path:
-        return self.workdir / "storage"
+        return self.storage or self.workdir / "storage"
 
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.log_path, lines)
@@ -58,7 +66,8 @@ class RegistryProcess:
         self.stop()
 
 
-def registry_config(storage_dir: Path, port: int, auth: dict[str, Any] | None) -> dict[str, Any]:
+def registry_config(storage_dir: Path, port: int, auth: dict[str, Any] | None,
+                    tls: CertPair | None = None) -> dict[str, Any]:
     """The distribution configuration used by ``start_registry``."""
     config: dict[str, Any] = {
         "version": "0.1",
@@ -72,6 +81,8 @@ def registry_config(storage_dir: Path, port: int, auth: dict[str, Any] | None) -
     }
     if auth is not None:
         config["auth"] = auth  # verbatim: htpasswd / token / silly
+    if tls is not None:
+        config["http"]["tls"] = {"certificate": str(tls.cert), "key": str(tls.key)}
     return config
 
 
@@ -80,6 +91,10 @@ def start_registry(
     *,
     auth: dict[str, Any] | None = None,
     timeout: float = STARTUP_TIMEOUT_SECONDS,
+    tls: CertPair | None = None,
+    storage_dir: Path | None = None,
+    extra: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
 ) -> RegistryProcess:
     """Start a registry storing data under ``workdir`` and wait until it answers.
 
@@ -91,10 +106,11 @@ def start_registry(
             f"{REGISTRY_BINARY} not found; install Debian's docker-registry package"
         )
     workdir = Path(workdir)
-    (workdir / "storage").mkdir(parents=True, exist_ok=True)
+    storage = Path(storage_dir) if storage_dir is not None else workdir / "storage"
+    storage.mkdir(parents=True, exist_ok=True)
     log_tail = ""
     for _attempt in range(3):  # free_port() is racy; retry a taken port
-        registry = _spawn(workdir, auth)
+        registry = _spawn(workdir, auth, tls, storage, extra, env)
         if wait_until(lambda: _answers(registry), timeout, registry.process, interval=0.05):
             return registry
         registry.stop()
@@ -107,15 +123,17 @@ def start_registry(
     )
 
 
-def _spawn(workdir: Path, auth: dict[str, Any] | None) -> RegistryProcess:
+def _spawn(workdir: Path, auth: dict[str, Any] | None, tls: CertPair | None, storage: Path,
+           extra: dict[str, Any] | None, extra_env: dict[str, str] | None) -> RegistryProcess:
     port = free_port()
     config_path = workdir / "config.yml"
     # JSON is valid YAML, and saves us a YAML writer.
-    config_path.write_text(json.dumps(registry_config(workdir / "storage", port, auth), indent=2))
+    config_path.write_text(json.dumps({**registry_config(storage, port, auth, tls), **(extra or {})}, indent=2))
     log_path = workdir / "registry.log"
     # REGISTRY_* variables override the config file in distribution; drop any
     # inherited ones so the config above is the whole truth.
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+    env.update(extra_env or {})
     with open_log(log_path) as log:
         process = subprocess.Popen(
             [REGISTRY_BINARY, "serve", str(config_path)],
@@ -126,12 +144,12 @@ def _spawn(workdir: Path, auth: dict[str, Any] | None) -> RegistryProcess:
             env=env,
             start_new_session=True,  # lets stop() reach it as a session
         )
-    return RegistryProcess(process, port, workdir, config_path, log_path)
+    return RegistryProcess(process, port, workdir, config_path, log_path, tls is not None, storage)
 
 
 def _answers(registry: RegistryProcess) -> bool:
     # trust_env=False: never route loopback traffic through an HTTP(S)_PROXY.
-    response = httpx.get(f"{registry.url}/v2/", timeout=2.0, trust_env=False)
+    response = httpx.get(f"{registry.url}/v2/", timeout=2.0, trust_env=False, verify=False)
     return response.status_code in (200, 401)
 
 

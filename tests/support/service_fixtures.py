@@ -3,9 +3,10 @@
 Fixtures
 --------
 redis_server   (function) -> RedisProcess: a fresh redis-server on a free port.
-docker_engine  (session)  -> DockerEngine: one private dockerd shared by the session.
+docker_engine  (session)  -> DockerEngine: one private dockerd shared by the session
+                             (the deployment tests have their own, see deploy_fixtures).
 stack          (function) -> factory ``stack(mode, *, workers=2, env=None, cache_dir=None)``
-                             returning a running :class:`Stack`.
+                             returning a running :class:`Stack` (``start_stack`` outside pytest).
 mode           (function, parametrized "embedded" / "two-tier") -> str: request it
                              next to ``stack`` to run one test in both modes.
 """
@@ -45,6 +46,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
 
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[DockerEngine]:
+    yield from private_docker_engine()
+
+
+def private_docker_engine() -> Iterator[DockerEngine]:
+    """A dockerd of its own for a session fixture (skips, or fails under DHP_REQUIRE_ALL, when none starts)."""
     missing = [name for name in ("dockerd", "docker") if find_binary(name) is None]
     require(not missing, f"Docker engine unavailable: {', '.join(missing)} not found")
     # A rootless dockerd needs a whole different setup; these tests assume root.
@@ -141,6 +147,42 @@ def _quietly(action: Callable[[], object]) -> None:
 StackFactory = Callable[..., Stack]
 
 
+def start_stack(mode: str, base: Path, cache_dir: Path, *, workers: int = 2,
+                env: Mapping[str, str] | None = None) -> Stack:
+    """A running deployment under ``base`` (logs, Redis data) on ``cache_dir``; stop() it when done."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    log_dir = base / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    extra = dict(env or {})
+
+    # If a part fails to start, stop what this call already started before raising.
+    partial: list[Callable[[], None]] = []
+    try:
+        redis_proc: RedisProcess | None = None
+        worker_procs: list[WorkerProcess] = []
+        if mode == "two-tier":
+            redis_proc = start_redis(base / "redis")
+            partial.append(redis_proc.stop)
+            worker_env = {**extra, "REDIS_URL": redis_proc.url, "CACHE_DIR": str(cache_dir)}
+            for i in range(workers):
+                worker = _start_worker(worker_env, log_dir, i)
+                partial.append(worker.stop)
+                worker_procs.append(worker)
+
+        server_env = {**extra, "CACHE_DIR": str(cache_dir)}
+        if redis_proc is not None:
+            server_env["REDIS_URL"] = redis_proc.url
+        server = _start_server(server_env, log_dir)
+    except BaseException:
+        for stop in reversed(partial):  # workers, then redis
+            _quietly(stop)
+        raise
+    return Stack(mode=mode, cache_dir=cache_dir, env=extra, log_dir=log_dir, server=server, redis=redis_proc,
+                 workers=worker_procs)
+
+
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[StackFactory]:
     """Factory: ``stack("embedded")`` or ``stack("two-tier", workers=2, env={...})``."""
@@ -153,50 +195,12 @@ def stack(tmp_path: Path) -> Iterator[StackFactory]:
         env: Mapping[str, str] | None = None,
         cache_dir: Path | None = None,
     ) -> Stack:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         # Several stacks in one test each get their own directory (and, unless
         # cache_dir is passed, their own cache: the first one uses tmp_path/"cache").
         base = Path(tempfile.mkdtemp(prefix=f"stack-{mode}-", dir=tmp_path))
-        log_dir = base / "logs"
-        log_dir.mkdir()
         if cache_dir is None:
             cache_dir = tmp_path / "cache" if not started else base / "cache"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        extra = dict(env or {})
-
-        # If a part fails to start, stop what this call already started before raising.
-        partial: list[Callable[[], None]] = []
-        try:
-            redis_proc: RedisProcess | None = None
-            worker_procs: list[WorkerProcess] = []
-            if mode == "two-tier":
-                redis_proc = start_redis(base / "redis")
-                partial.append(redis_proc.stop)
-                worker_env = {**extra, "REDIS_URL": redis_proc.url, "CACHE_DIR": str(cache_dir)}
-                for i in range(workers):
-                    worker = _start_worker(worker_env, log_dir, i)
-                    partial.append(worker.stop)
-                    worker_procs.append(worker)
-
-            server_env = {**extra, "CACHE_DIR": str(cache_dir)}
-            if redis_proc is not None:
-                server_env["REDIS_URL"] = redis_proc.url
-            server = _start_server(server_env, log_dir)
-        except BaseException:
-            for stop in reversed(partial):  # workers, then redis
-                _quietly(stop)
-            raise
-
-        result = Stack(
-            mode=mode,
-            cache_dir=cache_dir,
-            env=extra,
-            log_dir=log_dir,
-            server=server,
-            redis=redis_proc,
-            workers=worker_procs,
-        )
+        result = start_stack(mode, base, cache_dir, workers=workers, env=env)
         started.append(result)
         return result
 

@@ -1,4 +1,4 @@
-"""Real processes for tests: redis-server, dockerd, and the project's server and worker.
+"""Real processes for tests: redis-server (from ``redis_server``), dockerd, and the project's server and worker.
 
 Every part here is started on a free loopback port (or a private unix socket) and
 has a ``stop()`` that is safe to call twice; the pytest fixtures in
@@ -33,8 +33,12 @@ from tests.support.lifecycle import (  # noqa: F401 - free_port, port_is_free, f
     terminate,
     wait_until,
 )
+from tests.support.redis_server import RedisProcess, start_redis  # noqa: F401 - re-exported for tests
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Test registries listen on 127.0.0.1, which the default REGISTRY_ALLOWED_HOSTS refuses for /registry/... routes:
+# every server and worker the tests start allows loopback, unless a test passes a value of its own.
+TEST_ALLOWED_HOSTS = "public,private,loopback"
 
 
 def require(condition: bool, reason: str) -> None:
@@ -50,78 +54,11 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
-# --------------------------------------------------------------------------- redis
-
-
-class RedisProcess:
-    """A throw-away redis-server with persistence disabled."""
-
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path) -> None:
-        self.proc = proc
-        self.port = port
-        self.log_path = log_path
-        self.url = f"redis://127.0.0.1:{port}/0"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def client(self, **kwargs) -> redis.Redis:
-        return redis.Redis.from_url(self.url, **kwargs)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        terminate(self.proc, grace=10)
-
-    def __repr__(self) -> str:
-        return f"<RedisProcess {self.url} pid={self.pid}>"
-
-
-def start_redis(workdir: Path, timeout: float = 10.0) -> RedisProcess:
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    binary = find_binary("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server binary not found")
-    last_error = ""
-    for _attempt in range(3):  # free_port() can race with another process
-        port = free_port()
-        log_path = workdir / f"redis-{port}.log"
-        with open_log(log_path) as log:
-            proc = subprocess.Popen(
-                [
-                    binary,
-                    "--port", str(port),
-                    "--bind", "127.0.0.1",
-                    "--protected-mode", "no",
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--dir", str(workdir),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        server = RedisProcess(proc, port, log_path)
-        probe = server.client(socket_timeout=1)
-        try:
-            if wait_until(lambda: bool(probe.ping()), timeout, proc):
-                return server
-        finally:
-            probe.close()
-        server.stop()
-        last_error = tail(log_path)
-    raise RuntimeError(f"redis-server did not start:\n{last_error}")
-
-
 # --------------------------------------------------------------------------- dockerd
 
 
 class DockerEngine:
-    """A private dockerd (vfs storage, no networking) on its own unix socket."""
+    """A private dockerd (overlay2 or vfs storage, no networking) on its own unix socket."""
 
     def __init__(self, proc: subprocess.Popen, base_dir: Path, docker: str = "docker") -> None:
         self.proc = proc
@@ -183,7 +120,20 @@ class DockerEngine:
         return f"<DockerEngine {self.host} pid={self.pid}>"
 
 
-def start_dockerd(timeout: float = 60.0) -> DockerEngine:
+def start_dockerd(timeout: float = 60.0, storage_drivers: tuple[str, ...] = ("overlay2", "vfs")) -> DockerEngine:
+    """The first storage driver that works: overlay2 builds and loads images many times faster than vfs (which
+    copies the whole file system for every layer and container) and works wherever the kernel allows overlay
+    mounts; vfs works everywhere."""
+    failures = []
+    for driver in storage_drivers:
+        try:
+            return _start_dockerd(timeout, driver)
+        except RuntimeError as exc:
+            failures.append(f"--storage-driver={driver}: {exc}")
+    raise RuntimeError("\n".join(failures))
+
+
+def _start_dockerd(timeout: float, storage_driver: str) -> DockerEngine:
     binary = find_binary("dockerd")
     docker = find_binary("docker")
     if binary is None or docker is None:
@@ -193,7 +143,7 @@ def start_dockerd(timeout: float = 60.0) -> DockerEngine:
     base_dir = Path(tempfile.mkdtemp(prefix="dhp-dk-"))
     engine_args = [
         binary,
-        "--storage-driver=vfs",
+        f"--storage-driver={storage_driver}",
         "--iptables=false",
         "--bridge=none",
         f"--host=unix://{base_dir / 'docker.sock'}",
@@ -285,6 +235,7 @@ class _ProjectProcess:
             pass
 
     def _spawn(self, args: list[str], env: Mapping[str, str] | None) -> subprocess.Popen:
+        env = {"REGISTRY_ALLOWED_HOSTS": TEST_ALLOWED_HOSTS, **(env or {})}
         with open_log(self.log_path) as log:
             return subprocess.Popen(
                 [sys.executable, "-m", self.module, *args],
