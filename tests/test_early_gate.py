@@ -14,9 +14,10 @@ import pytest
 from docker_http_passthrough.api.archive_stream import stream_archive
 from docker_http_passthrough.api.early_gate import EarlyGate, EarlyStreamAborted
 from docker_http_passthrough.api.early_stream import EarlyPlan, PlannedLayer
+from docker_http_passthrough.api.lease_book import LeaseBook
 from docker_http_passthrough.api.preparation import JobState, PreparationWatch
 from docker_http_passthrough.shared.archive import LayerFile, plan_archive
-from docker_http_passthrough.shared.archive_reader import write_archive
+from docker_http_passthrough.shared.archive_reader import FileSpan, write_archive
 from docker_http_passthrough.shared.errors import InvalidContent, TimedOut
 from docker_http_passthrough.shared.growing_layer import GrowingLayer, growth, record_path
 from docker_http_passthrough.shared.jobs import JobSpec
@@ -105,9 +106,9 @@ class Early:
         watch = PreparationWatch(self.preparer, SPEC, None, None, pick_up=1.0)
         return EarlyGate(early, self.store, REGISTRY, REPOSITORY, KEY, watch, timeout)
 
-    def stream(self, **kwargs):
-        return stream_archive(self.store, self.plan, [d for _g, d in self.layers], 0, self.plan.size,
-                              self.gate(**kwargs))
+    def stream(self, zero_copy: bool = False, **kwargs):
+        return stream_archive(LeaseBook(self.store), self.plan, [d for _g, d in self.layers], 0, self.plan.size,
+                              self.gate(**kwargs), zero_copy)
 
     def prepared(self) -> None:
         """The preparation's last act: the image record (its layers must be in place)."""
@@ -128,7 +129,8 @@ async def received_so_far(task: asyncio.Task, sink: bytearray, size: int, timeou
 
 async def collect(stream, sink: bytearray) -> None:
     async for piece in stream:
-        sink += piece
+        # A zero-copy stream's file spans, read as sendfile would send them: the file must hold those bytes now.
+        sink += os.pread(piece.fd, piece.count, piece.offset) if isinstance(piece, FileSpan) else piece
 
 
 def first_layer_start(early: Early) -> int:
@@ -136,11 +138,12 @@ def first_layer_start(early: Early) -> int:
 
 
 @pytest.mark.anyio
-async def test_a_layer_streams_as_it_is_written_and_the_end_waits_for_the_image(store):
+@pytest.mark.parametrize("zero_copy", [False, True])
+async def test_a_layer_streams_as_it_is_written_and_the_end_waits_for_the_image(store, zero_copy):
     early = Early(store)
     expected = early.expected()
     sink = bytearray()
-    task = asyncio.ensure_future(collect(early.stream(), sink))
+    task = asyncio.ensure_future(collect(early.stream(zero_copy), sink))
     start = first_layer_start(early)
     await received_so_far(task, sink, start)  # the headers before the first layer go at once
     await asyncio.sleep(0.3)
@@ -247,7 +250,7 @@ async def test_the_stream_is_cut_at_once_when_the_preparation_ended_without_the_
     early = Early(store)
     store_layer(store, *early.layers[0], early.contents[0])
     gate = early.gate(timeout=3600)
-    body = stream_archive(store, early.plan, [d for _g, d in early.layers], 0, early.plan.size, gate)
+    body = stream_archive(LeaseBook(store), early.plan, [d for _g, d in early.layers], 0, early.plan.size, gate)
     await asyncio.sleep(0)
     early.preparer.runs[-1].set_result("done")  # yet the second layer is not there (evicted, say)
     started = time.monotonic()

@@ -105,6 +105,8 @@ async def test_a_process_holds_one_lease_per_layer_whatever_its_downloads(store)
     assert list(leases.iterdir()) == []
     assert used.stat().st_mtime_ns >= first_use  # the last use is when the last download ended
     assert sorted(evict(store, 1)) == sorted(d.removeprefix("sha256:") for d in (one, two))
+
+
 def test_leases_carry_their_holders_token_and_a_dead_holders_go_at_once(store):
     layer = _layer(store, b"l" * 1000, 10)
     dead = Store(store.root, owner="dead0123")

@@ -152,6 +152,9 @@ async def test_job_files_show_another_process_progress_and_failure(tmp_path):
     assert results[1].status == 404 and results[1].code == results[0].code
     state, error = files.look("job-b")
     assert state == "failed" and error["status"] == 404 and "no such tag" in error["message"]
+
+
+@pytest.mark.anyio
 async def test_a_redis_lock_holder_rides_out_a_restart_of_redis(redis_server):
     """Redis restarts (with its data) while a lock is held: the holder's renewals and release go on; the work
     under the lock is not failed by the blip."""

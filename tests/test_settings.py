@@ -14,7 +14,8 @@ from tests.support.tls import TestCA
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # README's "default" column, where it names no literal value, in the words it uses for what Settings holds.
-_WORDS = {"—": None, "discovered": None, "unbounded": 0, "host of `REGISTRY_URL`": "", "from the fd limit": None}
+_WORDS = {"—": None, "discovered": None, "unbounded": 0, "host of `REGISTRY_URL`": "", "from the fd limit": None,
+          "one per usable CPU": None}
 
 
 def _documented_defaults() -> dict[str, str]:
@@ -130,6 +131,8 @@ def test_api_processes_and_zero_copy():
     assert load_settings({"WEB_CONCURRENCY": "4"}).api_workers == 4  # the name platforms set
     assert load_settings({"WEB_CONCURRENCY": "4", "API_WORKERS": "2"}).api_workers == 2
     assert load_settings({"ZERO_COPY": "false"}).zero_copy is False
+
+
 def test_upstream_settings_are_parsed(tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text(TestCA(tmp_path).cert.read_text())
