@@ -256,8 +256,44 @@ def _upstream(env: Mapping[str, str]) -> dict:
 # Over 60 lines: one reading of every variable, in one place, is easier to check than pieces of it.
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
-    registry_url = _http_url("REGISTRY_URL", env.get("REGISTRY_URL") or DOCKER_HUB_API)
+    redis_url = _optional(env, "REDIS_URL")
+    if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
 
+    if (env.get("LOG_FORMAT") or "text").strip().lower() not in ("text", "json"):
+        raise SettingsError(f"LOG_FORMAT={env.get('LOG_FORMAT')!r} must be text or json")
+    try:
+        platform = str(parse_platform(env.get("PLATFORM") or "linux/amd64"))
+    except PlatformError as exc:
+        raise SettingsError(f"PLATFORM: {exc}") from None
+
+    return Settings(
+        **_registry(env),
+        redis_url=redis_url,
+        cache_dir=env.get("CACHE_DIR") or "./cache",
+        queue_name=env.get("QUEUE_NAME") or "docker-http-passthrough",
+        credentials_key=_optional(env, "CREDENTIALS_KEY"),
+        platform=platform,
+        job_timeout=int(_number(env, "JOB_TIMEOUT", 4 * 3600, kind=int)),
+        prepare_timeout=_number(env, "PREPARE_TIMEOUT", 3600.0),
+        worker_lost_timeout=_number(env, "WORKER_LOST_TIMEOUT", 15.0),
+        redis_outage_timeout=_number(env, "REDIS_OUTAGE_TIMEOUT", 10.0),
+        upstream_timeout=_number(env, "UPSTREAM_TIMEOUT", 30.0),
+        layer_concurrency=int(_number(env, "LAYER_CONCURRENCY", 3, kind=int)),
+        error_cache_seconds=_number(env, "ERROR_CACHE_SECONDS", 10.0, zero_ok=True),
+        serve_stale=_flag(env, "SERVE_STALE", True),
+        prepare_grace=_number(env, "PREPARE_GRACE", 1.0, zero_ok=True),
+        worker_metrics_port=_port(env, "WORKER_METRICS_PORT", 9101),
+        log_json=(env.get("LOG_FORMAT") or "text").strip().lower() == "json",
+        cache_max_bytes=_byte_size(env, "CACHE_MAX_BYTES"),
+        **_serving(env),
+        foreign_layer_hosts=_foreign_layer_hosts(env),
+        **_upstream(env),
+    )
+
+
+def _registry(env: Mapping[str, str]) -> dict:
+    """The configured registry and how to authenticate to it (REGISTRY_*)."""
     auth_url = env.get("REGISTRY_AUTH_URL")
     if auth_url:
         auth_url = _http_url("REGISTRY_AUTH_URL", auth_url)
@@ -282,19 +318,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         except ValueError:
             raise SettingsError(f"REGISTRY_DEFAULT_NAMESPACE={namespace!r} is not a valid repository path") from None
 
-    redis_url = _optional(env, "REDIS_URL")
-    if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-        raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
-
-    if (env.get("LOG_FORMAT") or "text").strip().lower() not in ("text", "json"):
-        raise SettingsError(f"LOG_FORMAT={env.get('LOG_FORMAT')!r} must be text or json")
-    try:
-        platform = str(parse_platform(env.get("PLATFORM") or "linux/amd64"))
-    except PlatformError as exc:
-        raise SettingsError(f"PLATFORM: {exc}") from None
-
-    return Settings(
-        registry_url=registry_url,
+    return dict(
+        registry_url=_http_url("REGISTRY_URL", env.get("REGISTRY_URL") or DOCKER_HUB_API),
         registry_name=env.get("REGISTRY_NAME") or "",
         registry_auth_url=auth_url if "REGISTRY_AUTH_URL" in env else None,
         registry_service=_optional(env, "REGISTRY_SERVICE"),
@@ -303,23 +328,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         registry_bearer_token=_optional(env, "REGISTRY_BEARER_TOKEN") or _optional(env, "REGISTRY_TOKEN"),
         registry_client_auth=client_auth,
         registry_default_namespace=namespace,
-        redis_url=redis_url,
-        cache_dir=env.get("CACHE_DIR") or "./cache",
-        queue_name=env.get("QUEUE_NAME") or "docker-http-passthrough",
-        credentials_key=_optional(env, "CREDENTIALS_KEY"),
-        platform=platform,
-        job_timeout=int(_number(env, "JOB_TIMEOUT", 4 * 3600, kind=int)),
-        prepare_timeout=_number(env, "PREPARE_TIMEOUT", 3600.0),
-        worker_lost_timeout=_number(env, "WORKER_LOST_TIMEOUT", 15.0),
-        redis_outage_timeout=_number(env, "REDIS_OUTAGE_TIMEOUT", 10.0),
-        upstream_timeout=_number(env, "UPSTREAM_TIMEOUT", 30.0),
-        layer_concurrency=int(_number(env, "LAYER_CONCURRENCY", 3, kind=int)),
-        error_cache_seconds=_number(env, "ERROR_CACHE_SECONDS", 10.0, zero_ok=True),
-        serve_stale=_flag(env, "SERVE_STALE", True),
-        prepare_grace=_number(env, "PREPARE_GRACE", 1.0, zero_ok=True),
-        worker_metrics_port=_port(env, "WORKER_METRICS_PORT", 9101),
-        log_json=(env.get("LOG_FORMAT") or "text").strip().lower() == "json",
-        cache_max_bytes=_byte_size(env, "CACHE_MAX_BYTES"),
+    )
+
+
+def _serving(env: Mapping[str, str]) -> dict:
+    """How the API serves its clients: timeouts, limits, processes."""
+    return dict(
         header_timeout=_number(env, "HEADER_TIMEOUT", 10.0),
         idle_timeout=_number(env, "IDLE_TIMEOUT", 10.0),
         send_timeout=_number(env, "SEND_TIMEOUT", 60.0),
@@ -328,8 +342,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_cold_images=int(_number(env, "MAX_COLD_IMAGES", 32, kind=int, zero_ok=True)),
         api_workers=_api_workers(env),
         zero_copy=_flag(env, "ZERO_COPY", True),
-        foreign_layer_hosts=_foreign_layer_hosts(env),
-        **_upstream(env),
     )
 
 
