@@ -17,8 +17,8 @@ scenario deploys two tiers; the settings' defaults unless a scenario says otherw
 Each fault is one function registered with @fault(name, about) (faultlab.py: the Lab and what scenarios share)
 that takes the Lab and returns its Figures (figure name → value, in print order). The scenarios live by kind:
 faults_clients.py (slow clients, malformed requests, fuzz), faults_jobs.py (dead workers, Redis restarts and
-outages, a full disk). Add a scenario by adding a function to such a module (imported below): registry cuts
-and hostile registries belong beside them. It is a measuring tool: a bad figure does not change the exit
+outages, a full disk), faults_upstream.py (registry cuts, Retry-After, hostile registries). Add a scenario by
+adding a function to such a module (imported below). It is a measuring tool: a bad figure does not change the exit
 status; 1 means a scenario could not run. The disk scenarios mount a tmpfs (root only).
 """
 
@@ -44,10 +44,8 @@ for _name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_pro
 
 import faults_clients  # noqa: E402, F401 - registers its scenarios
 import faults_jobs  # noqa: E402, F401 - registers its scenarios
+import faults_upstream  # noqa: E402, F401 - registers its scenarios (cuts, Retry-After, hostile registries)
 from faultlab import FAULTS, Fault, Figures, Lab  # noqa: E402
-
-
-import faults_upstream  # noqa: E402,F401 - registry-side scenarios (cuts, Retry-After, hostile registries)
 
 
 # --------------------------------------------------------------------------- running

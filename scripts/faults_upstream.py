@@ -14,7 +14,7 @@ import time
 
 import httpx
 
-from faults import Figures, Lab, after_run, devices, fault, health_seconds
+from faultlab import Figures, Lab, after_run, devices, fault, health_seconds
 from tests.support.images import DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, make_config, make_layer, sha
 from tests.support.rawhttp import memory_kib
 from tests.support.rogue_registry import Answer, Drip, Huge, RogueRegistry
