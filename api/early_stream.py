@@ -36,6 +36,9 @@ POLL = 0.1
 # shorter grace: an image prepared by then costs none, and the headers of one with many layers (a few round trips
 # of 16 probes) still come within seconds of the grace.
 PROBE_LEAD = 2.0
+# The response starts only once the preparation runs: a job that waits in the queue while no worker is alive
+# must still get its JSON 504 (no_worker). A job kept queued by busy workers starts its response after this long.
+QUEUED_AT_MOST = 10.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,21 @@ async def _held(watch: PreparationWatch, until: float) -> bool:
     return False
 
 
+async def _taken_up(watch: PreparationWatch, until: float) -> bool:
+    """Wait until the preparation runs (a worker took the job, or this process runs it), or until `until` if it is
+    queued while workers are alive; True if it ended meanwhile (or failed: raises)."""
+    while True:
+        if await watch.outcome() is not None:
+            return True
+        state = await watch.preparer.state(watch.spec.job_id)
+        if state.state in ("running", "done"):
+            return False
+        if state.state == "queued" and state.problem is None and time.monotonic() >= until:
+            return False  # busy workers: it will run
+        # Queued with no live worker, or not (yet, or any more) in the queue: the preparer's own wait decides.
+        await asyncio.sleep(POLL)
+
+
 async def plan_before_ready(client: RegistryClient, store: Store, guesses: SizeGuesses, manifest_digest: str,
                             repo_tag: str, watch: PreparationWatch, grace: float) -> EarlyPlan | None:
     """The archive's plan once its exact size is known and PREPARE_GRACE has passed; None when the preparation
@@ -146,7 +164,7 @@ async def plan_before_ready(client: RegistryClient, store: Store, guesses: SizeG
     if await _held(watch, grace_ends - min(PROBE_LEAD, grace / 2)):
         return None
     sizes = await _sizes(client, store, guesses, manifest, diff_ids, watch, grace_ends)
-    if sizes is None or await _held(watch, grace_ends):
+    if sizes is None or await _held(watch, grace_ends) or await _taken_up(watch, grace_ends - grace + QUEUED_AT_MOST):
         return None
     files = [LayerFile(diff_id, size, str(store.layer_path(diff_id))) for diff_id, size in zip(diff_ids, sizes)]
     try:

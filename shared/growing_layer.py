@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from docker_http_passthrough.shared.digests import digest_hex, name_hash
+from docker_http_passthrough.shared.owners import temp_owned_by
 from docker_http_passthrough.shared.store import TEMP_MARK, Store
 
 log = logging.getLogger("docker_http_passthrough.store")
@@ -101,6 +102,20 @@ class GrowingLayer:
             except OSError as exc:  # the writer's own fsync will fail and say why; streams wait for the end
                 log.warning("cannot publish the progress of %s: %s", self.file, exc)
                 return
+
+
+def remove_records_of(store: Store, owner: str) -> int:
+    """Remove the records of a dead writer (`owner`, its process token, is in its temp file's name); returns how
+    many. A re-run's writer has replaced the record already if it started: then the record is not the dead one's."""
+    removed = 0
+    for path in (store.root / "inflating").glob(f"*{RECORD_SUFFIX}"):
+        try:
+            if temp_owned_by(json.loads(path.read_text()).get("file", ""), owner):
+                path.unlink()
+                removed += 1
+        except (FileNotFoundError, ValueError):
+            pass
+    return removed
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,9 @@ def test_docker_run_api_image_serves_an_image_that_loads_and_runs(deploy_engine,
     port = free_port()
     name = f"dhp-run-{port}"
     deploy_engine.run("run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp",
-                      "--volume", f"{name}:/var/cache/docker-http-passthrough", "-e", f"PORT={port}", "--health-interval", "1s", deploy_images.api,
+                      "--volume", f"{name}:/var/cache/docker-http-passthrough", "-e", f"PORT={port}",
+                      # the test registry listens on 127.0.0.1, which the default REGISTRY_ALLOWED_HOSTS refuses
+                      "-e", "REGISTRY_ALLOWED_HOSTS=public,private,loopback", "--health-interval", "1s", deploy_images.api,
                       "docker-http-passthrough", "serve", "--host", "127.0.0.1")
     try:
         def health() -> str:

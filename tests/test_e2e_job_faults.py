@@ -17,6 +17,7 @@ import time
 import pytest
 import redis
 
+from docker_http_passthrough.shared.gzip_tail import TAIL_WINDOW
 from docker_http_passthrough.shared.job_queue import LOSS_CONFIRMED_AFTER
 from docker_http_passthrough.shared.presence import SILENT_AFTER
 from tests.support.downloads import get, image_url
@@ -74,9 +75,9 @@ def test_a_worker_killed_mid_job_reruns_on_the_live_worker_and_every_waiter_gets
         assert stream.sha256.digest() == hashlib.sha256(warm.body).digest(), "the early stream's bytes are the archive"
 
         # The rerun fetched only the layer in flight: the small layers once, the big one twice, the first time
-        # cut short by the kill (the early stream's 4-byte size probes aside).
-        assert all(layer.size <= proxy.body_bytes(layer.digest) <= layer.size + 4 for layer in (small_a, small_b))
-        assert big.size + 4 < proxy.body_bytes(big.digest) < 2 * big.size + 4
+        # cut short by the kill (the early stream's size probe, the blob's last TAIL_WINDOW bytes at most, aside).
+        assert all(layer.size <= proxy.body_bytes(layer.digest) <= layer.size + TAIL_WINDOW for layer in (small_a, small_b))
+        assert big.size + TAIL_WINDOW < proxy.body_bytes(big.digest) < 2 * big.size + TAIL_WINDOW
         # The survivor buried the dead worker: its files, its registration, our keys.
         assert wait_until(lambda: not files_of(running.cache_dir, dead) and dead not in rq_registered(watch),
                           timeout=LOST + LOSS_CONFIRMED_AFTER + 5), (files_of(running.cache_dir, dead),
@@ -146,7 +147,7 @@ def test_a_redis_restart_mid_job_costs_seconds_not_a_failure(stack, registry, un
         assert stream.status == 200 and stream.error is None, (stream.status, stream.error, running.logs()[-3000:])
         assert stream.received == int(stream.headers["content-length"])
         assert head.join(timeout=30).status == 200
-        assert big.size <= proxy.body_bytes(big.digest) <= big.size + 4, "one download (and a size probe): no rerun"
+        assert big.size <= proxy.body_bytes(big.digest) <= big.size + TAIL_WINDOW, "one download (and a size probe): no rerun"
         # Both workers are still registered and beating, and take new jobs.
         assert wait_until(lambda: len(rq_registered(watch)) == 2, timeout=5), rq_registered(watch)
         assert len(watch.smembers("dhp:workers")) == 2

@@ -19,6 +19,7 @@ import time
 from rq import SimpleWorker
 
 from docker_http_passthrough.shared.eviction import remove_leases_of
+from docker_http_passthrough.shared.growing_layer import remove_records_of
 from docker_http_passthrough.shared.job_queue import LOSS_CONFIRMED_AFTER, PreparationQueue
 from docker_http_passthrough.shared.jobs import burial_key
 from docker_http_passthrough.shared.settings import Settings
@@ -83,8 +84,9 @@ class Maintenance:
             looks = [self.queue.rerun_if_lost(job_id) for job_id in self.queue.jobs_of(name)]
             if any(look.heartbeat for look in looks):
                 return  # its job still beats (its presence key expired first): look again next time
-            files = self.store.remove_abandoned(name) + remove_leases_of(self.store, name)
+            files = (self.store.remove_abandoned(name) + remove_leases_of(self.store, name)
+                     + remove_records_of(self.store, name))
             self.queue.bury(name)
-            log.warning("worker %s died: removed its registration and %d temp and lease files", name, files)
+            log.warning("worker %s died: removed its registration and %d temp, lease and progress files", name, files)
         finally:
             connection.delete(burial_key(name))

@@ -115,11 +115,12 @@ class CountingProxy(ThreadedServer):
         with self._lock:
             self._fails.append([path_contains, status, times, dict(headers or {})])
 
-    def _take(self, faults: list[list], path: str) -> list | None:
-        """The first fault matching ``path`` with uses left, one use taken."""
+    def _take(self, faults: list[list], path: str, longer_than: int | None = None) -> list | None:
+        """The first fault matching ``path`` with uses left, one use taken. A cut is taken only by a response
+        longer than its offset (``longer_than``: its length, when known): a short ranged read is not cut."""
         with self._lock:
             for fault in faults:
-                if fault[0] in path and fault[2] > 0:
+                if fault[0] in path and fault[2] > 0 and (longer_than is None or longer_than > fault[1]):
                     fault[2] -= 1
                     return fault
         return None
@@ -301,7 +302,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if rechunk:
             headers.append(("Transfer-Encoding", "chunked"))
 
-        cut = proxy._take(proxy._cuts, path) if has_body and 200 <= status < 300 else None
+        cut = (proxy._take(proxy._cuts, path, int(content_length) if content_length else None)
+               if has_body and 200 <= status < 300 else None)
         corrupt_at: int | None = None
         if (
             has_body
