@@ -8,6 +8,8 @@
     tags/<hash>                 the digest a tag last resolved to, for serving stale when the registry is down
     used/<hex>, leases/<hex>.*  last use and live readers of layers, for eviction (shared/eviction.py)
     inflating/<hash>.inflating  how far a layer being inflated is written (shared/growing_layer.py)
+    locks/<name>.lock           embedded mode: file locks between the API processes of one server, and their
+                                preparations' progress for /status (shared/locks.py, api/job_files.py); they stay
 
 Sharing content between registries must not widen access: a stored blob or layer is used for (R, P) only
 after R confirmed it holds that blob for P, and a layer is reused for a blob digest only when that very blob

@@ -92,7 +92,7 @@ _FINAL_NAME = re.compile(r"^[0-9a-f]{16,64}(\.tar|\.json)?$")
 
 
 # Not content: markers of live readers/writers (eviction leases), named <hex>.<token> on purpose.
-_MARKER_DIRS = {"leases"}
+_MARKER_DIRS = {"leases", "locks"}  # lease files come and go; lock files stay by design (shared.locks.FileLocks)
 
 
 def stray_files(root: Path) -> list[str]:
