@@ -97,22 +97,32 @@ class ErrorCache:
 class SharedLookups:
     """Registry lookups in flight, by what they ask and with which identity: a request asking the same as one
     in flight waits for its answer (or its error) instead of asking again. A requester that goes away does not
-    cancel the lookup for the others."""
+    cancel the lookup for the others; when the last one has gone, it is cancelled (its registry connection
+    closes: upstream work nobody needs stops)."""
 
     def __init__(self) -> None:
-        self.flights: dict[Hashable, asyncio.Future] = {}
+        self.flights: dict[Hashable, tuple[asyncio.Future, list[int]]] = {}  # key -> (lookup, [waiters])
 
     async def run(self, key: Hashable, lookup: Callable[[], Awaitable[str]]) -> str:
-        flight = self.flights.get(key)
-        if flight is None:
-            flight = self.flights[key] = asyncio.ensure_future(lookup())
+        entry = self.flights.get(key)
+        if entry is None or entry[0].cancelled():
+            flight = asyncio.ensure_future(lookup())
+            entry = self.flights[key] = (flight, [0])
             flight.add_done_callback(lambda done: self._landed(key, done))
         else:
             trace.get_current_span().set_attribute("dhp.resolution.shared", True)
-        return await asyncio.shield(flight)
+        flight, waiters = entry
+        waiters[0] += 1
+        try:
+            return await asyncio.shield(flight)
+        finally:
+            waiters[0] -= 1
+            if not waiters[0] and not flight.done():
+                flight.cancel()
 
     def _landed(self, key: Hashable, flight: asyncio.Future) -> None:
-        if self.flights.get(key) is flight:
+        entry = self.flights.get(key)
+        if entry is not None and entry[0] is flight:
             del self.flights[key]
         if not flight.cancelled():
             flight.exception()  # looked at: nobody may be waiting any more

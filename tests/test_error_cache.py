@@ -72,6 +72,28 @@ async def test_lookups_in_flight_are_shared_and_a_leaver_cancels_nothing():
 
 
 @pytest.mark.anyio
+async def test_a_lookup_nobody_waits_for_any_more_is_cancelled_and_the_next_asks_afresh():
+    lookups = resolution.SharedLookups()
+    stopped = asyncio.Event()
+
+    async def hanging() -> str:
+        try:
+            await asyncio.sleep(3600)  # a registry that drips
+        finally:
+            stopped.set()
+        return "never"
+
+    waiters = [asyncio.ensure_future(lookups.run(KEY, hanging)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    waiters[0].cancel()
+    await asyncio.sleep(0.01)
+    assert not stopped.is_set(), "one requester is still there"
+    waiters[1].cancel()
+    await asyncio.wait_for(stopped.wait(), 1)  # the last one left: the upstream work stops
+    assert await lookups.run(KEY, lambda: asyncio.sleep(0, "sha256:ee")) == "sha256:ee"
+
+
+@pytest.mark.anyio
 async def test_a_failed_lookup_fails_every_request_that_shared_it():
     lookups = resolution.SharedLookups()
 
