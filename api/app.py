@@ -26,7 +26,7 @@ from docker_http_passthrough.api.page import index, info
 from docker_http_passthrough.api.queue_preparer import QueuePreparer
 from docker_http_passthrough.api.resolution import ErrorCache, SharedLookups
 from docker_http_passthrough.api.size_probes import SizeGuesses
-from docker_http_passthrough.shared.locks import RedisLocks
+from docker_http_passthrough.shared.locks import FileLocks, RedisLocks
 from docker_http_passthrough.shared.redis_clients import async_client
 from docker_http_passthrough.shared.settings import Settings
 from docker_http_passthrough.shared.store import Store
@@ -75,9 +75,10 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         setup_tracing("api")
         store = Store(settings.cache_dir)  # `serve` swept its partial files before the processes started
-        # Two-tier: API replicas and workers fetch each small blob once between them (a Redis lock per blob).
+        # Each small blob is fetched once: two-tier, between API replicas and workers (a Redis lock per blob);
+        # embedded, between the API processes of this server (a file lock per blob in the store).
         lock_redis = async_client(settings) if settings.two_tier else None
-        blob_locks = RedisLocks(lock_redis) if lock_redis is not None else None
+        blob_locks = RedisLocks(lock_redis) if lock_redis is not None else FileLocks(store.root / "locks")
         async with registries_for(settings, blob_locks=blob_locks) as registries:
             app.state.settings = settings
             app.state.store = store
