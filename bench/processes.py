@@ -93,6 +93,7 @@ class RssSampler:
         self.peak_pss = 0
         self.samples = 0
         self.hwm = 0
+        self.processes = 0  # the most processes sampled at once
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"rss-{pid}")
 
@@ -102,6 +103,7 @@ class RssSampler:
         while not self._stop.is_set():
             if rounds % 40 == 0:  # the tree again every 2 s or so: reading all of /proc costs CPU
                 pids = tree_pids(self.pid)
+                self.processes = max(self.processes, len(pids))
             rounds += 1
             rss, pss = tree_memory(pids)
             if rss:
@@ -117,7 +119,7 @@ class RssSampler:
 
     def describe(self) -> str:
         return (f"peak PSS {self.peak_pss / (1 << 20):.1f} MiB (RSS {self.peak / (1 << 20):.1f} MiB) "
-                f"over {len(tree_pids(self.pid))} processes")
+                f"over {self.processes} processes")
 
     def __enter__(self) -> RssSampler:  # noqa: PYI034
         self._thread.start()
