@@ -105,7 +105,7 @@ class SharedLookups:
 
     async def run(self, key: Hashable, lookup: Callable[[], Awaitable[str]]) -> str:
         entry = self.flights.get(key)
-        if entry is None or entry[0].cancelled():
+        if entry is None:
             flight = asyncio.ensure_future(lookup())
             entry = self.flights[key] = (flight, [0])
             flight.add_done_callback(lambda done: self._landed(key, done))
@@ -118,6 +118,9 @@ class SharedLookups:
         finally:
             waiters[0] -= 1
             if not waiters[0] and not flight.done():
+                # Forgotten at once: a request arriving now must not join a lookup that is being cancelled.
+                if self.flights.get(key) is entry:
+                    del self.flights[key]
                 flight.cancel()
 
     def _landed(self, key: Hashable, flight: asyncio.Future) -> None:
