@@ -10,7 +10,7 @@ the bytes inflate to a complete member whose CRC32 and ISIZE zlib verifies.
   caller learns it once the layer is unpacked).
 - None starts inside the window: the last member began before it, most likely at byte 0 (one member). ISIZE is
   then the size modulo 4 GiB, lifted by 4 GiB steps to the least size the compressed size allows (deflate never
-  grows data by more than its block overhead). If that needs more than deflate's largest ratio (1032:1), one
+  grows data by more than an eighth). If that needs more than deflate's largest ratio (1032:1), one
   member is impossible: several. Otherwise this is the one guess; a blob of members longer than the window whose
   last one inflates to more than the whole blob's compressed size looks the same. A wrong guess is caught when
   the layer is unpacked (see api.early_gate), and the response is cut before its end: never a wrong archive.
@@ -77,9 +77,10 @@ def _inflated_length(blob: bytes) -> int | None:
 
 
 def _least_inflated(blob_size: int) -> int:
-    """No gzip blob inflates to less than this: stored deflate blocks add 5 bytes per 64 KiB, a member header
-    and trailer 18 bytes plus optional fields (allow 4 KiB of them)."""
-    return max(0, blob_size - (blob_size >> 13) - 4096)
+    """No gzip blob inflates to less than this: deflate grows incompressible data by at most an eighth (fixed
+    Huffman codes, 9 bits for some literals; zlib's stored blocks add 5 bytes per 16 KiB, 0.03 %), a member
+    header and trailer 18 bytes plus optional fields (allow 4 KiB of them)."""
+    return max(0, blob_size - (blob_size >> 3) - 4096)
 
 
 def size_from_tail(tail: bytes, blob_size: int) -> TailSize:
