@@ -150,6 +150,7 @@ def hostile_drip(lab: Lab) -> Figures:
         status, seconds, body = _timed_get(url)
         drip = [s for s in rogue.served if "/blobs/" in s.path][-1]
         figures["a device that waits"] = f"{status} {body.get('error')} after {seconds:.1f} s"
+        _wait_closed(drip, 5)  # the rogue notices a close at its next byte, up to 2 s later
         figures["upstream connection closed after"] = _closed(drip)
         started = time.monotonic()
         try:
@@ -157,11 +158,16 @@ def hostile_drip(lab: Lab) -> Figures:
         except httpx.TimeoutException:
             pass
         leaving = [s for s in rogue.served if "/blobs/" in s.path and s.started >= started]
-        deadline = time.monotonic() + 30
-        while leaving and leaving[-1].closed_at is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+        if leaving:
+            _wait_closed(leaving[-1], 30)
         figures["a device that leaves after 5 s: upstream closed after"] = _closed(leaving[-1]) if leaving else "-"
     return after_run(server, figures)
+
+
+def _wait_closed(served, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while served.closed_at is None and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _closed(served) -> str:
