@@ -42,8 +42,9 @@ ALICE = ("alice", "wonderland")
 
 @pytest.fixture
 def two_tier_env(redis_server, tmp_path, monkeypatch) -> dict[str, str]:
-    """The job reads its settings from os.environ (as a worker process does): share cache and Redis with the API."""
-    env = {"CACHE_DIR": str(tmp_path / "cache"), "REDIS_URL": redis_server.url}
+    """The job reads its settings from os.environ (as a worker process does): share cache and Redis with the API.
+    PREPARE_GRACE=0: the trace of a preparation the request waits for (an early start adds size probes)."""
+    env = {"CACHE_DIR": str(tmp_path / "cache"), "REDIS_URL": redis_server.url, "PREPARE_GRACE": "0"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
